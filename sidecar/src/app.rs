@@ -1,0 +1,149 @@
+//! Wires the sidecar together: the shared state, the listeners (TCP and,
+//! when configured, a Unix socket) and the reload watcher. The one place that
+//! spawns tasks and threads; nothing else in the crate does.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::server;
+use crate::state::Shared;
+
+/// The policy directory to serve: the configured one, or — when the default
+/// `policies` is not in the working directory — the example bundled with the
+/// source tree, so `cargo run -- serve` works from anywhere in the checkout.
+pub fn policy_dir(config: &Config) -> PathBuf {
+    let dir = config.policies.dir.clone();
+    if dir == std::path::Path::new("policies") && !dir.exists() {
+        let bundled = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
+        if bundled.exists() {
+            return bundled;
+        }
+    }
+    dir
+}
+
+/// Runs the sidecar until the process is stopped (SIGINT or SIGTERM).
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let dir = policy_dir(&config);
+    let shared = Shared::new(config, dir.clone()).map_err(|problems| {
+        anyhow::anyhow!(
+            "the policy directory `{}` does not load:\n{problems}",
+            dir.display()
+        )
+    })?;
+    {
+        let active = shared.active();
+        tracing::info!(
+            dir = %dir.display(),
+            epoch = active.epoch,
+            hash = %active.bundle.hash,
+            policies = active.bundle.counts.policies,
+            templates = active.bundle.counts.templates,
+            entities = active.bundle.counts.entities,
+            "policy set loaded"
+        );
+    }
+
+    if shared.config.policies.watch {
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("vigie-reload".into())
+            .spawn(move || crate::reload::watch(s))
+            .context("cannot start the reload thread")?;
+    }
+
+    let listen = shared.config.server.listen;
+    let tcp = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(addr = %tcp.local_addr()?, "listening (HTTP)");
+    tokio::spawn(accept_tcp(tcp, Arc::clone(&shared)));
+
+    #[cfg(unix)]
+    if let Some(path) = shared.config.server.unix_socket.clone() {
+        // A stale socket from an earlier run would make bind fail.
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove stale socket `{}`", path.display()))?;
+        }
+        let uds = tokio::net::UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on unix socket `{}`", path.display()))?;
+        tracing::info!(path = %path.display(), "listening (HTTP over Unix socket)");
+        tokio::spawn(accept_unix(uds, Arc::clone(&shared)));
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn serve_connection<I>(io: I, shared: Arc<Shared>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = service_fn(move |req| server::handle(Arc::clone(&shared), req));
+        if let Err(e) = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await
+        {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                serve_connection(TokioIo::new(stream), Arc::clone(&shared));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn accept_unix(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => serve_connection(TokioIo::new(stream), Arc::clone(&shared)),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

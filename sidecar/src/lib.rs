@@ -1,0 +1,14 @@
+//! Vigie: a policy-decision sidecar. Cedar policies decide; every answer
+//! carries its diagnostics. See `ARCHITECTURE.md` for the map.
+
+pub mod app;
+pub mod authzen;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod policy;
+pub mod policytest;
+pub mod reload;
+pub mod server;
+pub mod shape;
+pub mod state;

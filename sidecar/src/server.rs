@@ -1,0 +1,565 @@
+//! The HTTP API (hyper 1): routing, body limits, JSON in and out, and the one
+//! place where an [`ApiError`] becomes a response.
+//!
+//! Handlers take one snapshot of the active bundle per request and hand the
+//! decision to the engine; this module must never evaluate policies itself,
+//! nor block the runtime (reloads go to a blocking thread).
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::authzen::{self, Semantic};
+use crate::engine::{InputError, Outcome, Query};
+use crate::state::{Reloaded, Shared};
+
+pub type Body = Full<Bytes>;
+
+/// An error a caller sees: HTTP status and `{"error":{"code","message","path"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub path: String,
+    pub allow: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            path: String::new(),
+            allow: None,
+        }
+    }
+
+    fn at(mut self, path: impl Into<String>) -> Self {
+        self.path = path.into();
+        self
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {"code": self.code, "message": self.message, "path": self.path}})
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut resp = json_response(self.status, &self.body());
+        if let Some(allow) = self.allow {
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        resp
+    }
+}
+
+impl From<InputError> for ApiError {
+    fn from(e: InputError) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, e.code, e.message).at(e.path)
+    }
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn text_response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Entry point for every request, on every listener.
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let request_id = req.headers().get("x-request-id").cloned();
+    let mut resp = match route(&shared, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            if e.status == StatusCode::BAD_REQUEST {
+                shared.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            e.into_response()
+        }
+    };
+    if let Some(id) = request_id {
+        resp.headers_mut().insert("x-request-id", id);
+    }
+    Ok(resp)
+}
+
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let allowed = match path.as_str() {
+        "/v1/is_authorized"
+        | "/v1/is_authorized/batch"
+        | "/access/v1/evaluation"
+        | "/access/v1/evaluations"
+        | "/v1/reload" => "POST",
+        "/healthz"
+        | "/readyz"
+        | "/v1/status"
+        | "/metrics"
+        | "/.well-known/authzen-configuration" => "GET, HEAD",
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route for `{path}`"),
+            ))
+        }
+    };
+    let method_ok = match allowed {
+        "POST" => method == Method::POST,
+        _ => method == Method::GET || method == Method::HEAD,
+    };
+    if !method_ok {
+        let mut e = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("`{method}` is not allowed on `{path}` (allowed: {allowed})"),
+        );
+        e.allow = Some(allowed);
+        return Err(e);
+    }
+
+    match path.as_str() {
+        "/healthz" => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        "/readyz" => Ok(json_response(
+            StatusCode::OK,
+            &json!({"status": "ready", "epoch": shared.active().epoch}),
+        )),
+        "/v1/status" => Ok(json_response(StatusCode::OK, &status(shared))),
+        "/metrics" => Ok(text_response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(shared),
+        )),
+        "/.well-known/authzen-configuration" => {
+            let host = req
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map_or_else(|| shared.config.server.listen.to_string(), str::to_owned);
+            let base = format!("http://{host}");
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "policy_decision_point": base,
+                    "access_evaluation_endpoint": format!("{base}/access/v1/evaluation"),
+                    "access_evaluations_endpoint": format!("{base}/access/v1/evaluations"),
+                }),
+            ))
+        }
+        "/v1/reload" => reload(shared).await,
+        "/v1/is_authorized" => {
+            let query: Query = read_json(shared, req).await?;
+            let answer = decide(shared, query)?;
+            Ok(json_response(StatusCode::OK, &answer))
+        }
+        "/v1/is_authorized/batch" => {
+            let batch: Value = read_json(shared, req).await?;
+            batch_decide(shared, batch).map(|v| json_response(StatusCode::OK, &v))
+        }
+        "/access/v1/evaluation" => {
+            let eval: authzen::Evaluation = read_json(shared, req).await?;
+            let active = shared.active();
+            let input = authzen::to_input(&shared.config.authzen, &active.bundle, eval)?;
+            let outcome = shared.engine.decide(&active.bundle, input)?;
+            shared.count(outcome.allow);
+            Ok(json_response(StatusCode::OK, &authzen_single(&outcome)))
+        }
+        "/access/v1/evaluations" => {
+            let evals: authzen::Evaluations = read_json(shared, req).await?;
+            authzen_batch(shared, evals).map(|v| json_response(StatusCode::OK, &v))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route for `{path}`"),
+        )),
+    }
+}
+
+/// Reads a JSON body: content type checked, size capped, errors located.
+async fn read_json<T: DeserializeOwned>(
+    shared: &Shared,
+    req: Request<Incoming>,
+) -> Result<T, ApiError> {
+    if let Some(ct) = req.headers().get(CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if mime != "application/json" && !mime.ends_with("+json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("expected `application/json`, got `{mime}`"),
+            )
+            .at("Content-Type"));
+        }
+    }
+    let limit = shared.config.server.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is larger than {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let bytes = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "body_unreadable",
+                format!("cannot read the request body: {e}"),
+            ))
+        }
+    };
+    parse_json(&bytes)
+}
+
+/// Parses JSON, naming the field at fault on a data error.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", inner.to_string())
+                    .at(if path == "." { String::new() } else { path })
+            }
+            _ => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("the body is not valid JSON: {inner}"),
+            ),
+        }
+    })
+}
+
+fn new_decision_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// The whole in-process path of `POST /v1/is_authorized` after the body is
+/// read: parse, validate, authorize, serialize. (Used by the benchmarks.)
+pub fn is_authorized(shared: &Shared, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let query: Query = parse_json(body)?;
+    let answer = decide(shared, query)?;
+    Ok(serde_json::to_vec(&answer).unwrap_or_default())
+}
+
+fn decide(shared: &Shared, query: Query) -> Result<Value, ApiError> {
+    let active = shared.active();
+    let input = query.into_input()?;
+    let outcome = shared.engine.decide(&active.bundle, input)?;
+    shared.count(outcome.allow);
+    Ok(answer(&outcome))
+}
+
+/// The native answer.
+fn answer(o: &Outcome) -> Value {
+    json!({
+        "decision": if o.allow { "Allow" } else { "Deny" },
+        "diagnostics": {"reason": o.reasons, "errors": o.errors},
+        "decision_id": new_decision_id(),
+        "cached": false,
+    })
+}
+
+fn batch_decide(shared: &Shared, body: Value) -> Result<Value, ApiError> {
+    let requests = match body {
+        Value::Object(mut map) => {
+            if let Some(extra) = map.keys().find(|k| *k != "requests") {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_field",
+                    format!("unknown field `{extra}`, expected `requests`"),
+                )
+                .at(extra.clone()));
+            }
+            match map.remove("requests") {
+                Some(Value::Array(r)) => r,
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_field",
+                        "expected `requests`: an array of requests",
+                    )
+                    .at("requests"))
+                }
+            }
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                "expected an object with `requests`",
+            ))
+        }
+    };
+    let max = shared.config.server.max_batch;
+    if requests.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "batch_too_large",
+            format!(
+                "{} requests in one batch; the limit is {max}",
+                requests.len()
+            ),
+        )
+        .at("requests"));
+    }
+    // One snapshot for the whole batch: every item sees the same policy set.
+    let active = shared.active();
+    let responses: Vec<Value> = requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let prefix = format!("requests[{i}]");
+            let result = serde_path_to_error::deserialize::<_, Query>(item)
+                .map_err(|e| {
+                    let path = e.path().to_string();
+                    let err = ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_field",
+                        e.into_inner().to_string(),
+                    );
+                    if path == "." {
+                        err.at(prefix.clone())
+                    } else {
+                        err.at(format!("{prefix}.{path}"))
+                    }
+                })
+                .and_then(|q| q.into_input().map_err(|e| ApiError::from(e.under(&prefix))))
+                .and_then(|input| {
+                    shared
+                        .engine
+                        .decide(&active.bundle, input)
+                        .map_err(|e| ApiError::from(e.under(&prefix)))
+                });
+            match result {
+                Ok(outcome) => {
+                    shared.count(outcome.allow);
+                    answer(&outcome)
+                }
+                Err(e) => {
+                    shared.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    e.body()
+                }
+            }
+        })
+        .collect();
+    Ok(json!({ "responses": responses }))
+}
+
+fn authzen_single(o: &Outcome) -> Value {
+    json!({
+        "decision": o.allow,
+        "context": {"decision_id": new_decision_id(), "reason": o.reasons},
+    })
+}
+
+fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Value, ApiError> {
+    let semantic = Semantic::parse(req.options.as_ref())?;
+    let active = shared.active();
+    let items = match req.evaluations {
+        // Without items, the request is a single evaluation (AuthZEN 1.0, 7.1).
+        None => {
+            let eval = req.defaults.complete()?;
+            let input = authzen::to_input(&shared.config.authzen, &active.bundle, eval)?;
+            let outcome = shared.engine.decide(&active.bundle, input)?;
+            shared.count(outcome.allow);
+            return Ok(authzen_single(&outcome));
+        }
+        Some(items) => items,
+    };
+    let max = shared.config.server.max_batch;
+    if items.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "batch_too_large",
+            format!(
+                "{} evaluations in one request; the limit is {max}",
+                items.len()
+            ),
+        )
+        .at("evaluations"));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let prefix = format!("evaluations[{i}]");
+        let result = item
+            .over(&req.defaults)
+            .complete()
+            .and_then(|e| authzen::to_input(&shared.config.authzen, &active.bundle, e))
+            .and_then(|input| shared.engine.decide(&active.bundle, input));
+        let allow = match result {
+            Ok(outcome) => {
+                shared.count(outcome.allow);
+                out.push(json!({"decision": outcome.allow}));
+                outcome.allow
+            }
+            Err(e) => {
+                let e = e.under(&prefix);
+                shared.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                out.push(json!({
+                    "decision": false,
+                    "context": {"error": {"status": 400, "code": e.code, "message": e.message, "path": e.path}},
+                }));
+                false
+            }
+        };
+        if semantic.stops_after(allow) {
+            break;
+        }
+    }
+    Ok(json!({ "evaluations": out }))
+}
+
+async fn reload(shared: &Arc<Shared>) -> Result<Response<Body>, ApiError> {
+    let s = Arc::clone(shared);
+    let result = tokio::task::spawn_blocking(move || s.reload())
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "reload_failed",
+                format!("reload task failed: {e}"),
+            )
+        })?;
+    match result {
+        Ok(r) => {
+            let (changed, epoch) = match r {
+                Reloaded::Swapped(e) => (true, e),
+                Reloaded::Unchanged(e) => (false, e),
+            };
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"reloaded": changed, "epoch": epoch, "hash": shared.active().bundle.hash}),
+            ))
+        }
+        Err(problems) => {
+            let mut e = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reload_refused",
+                format!(
+                    "the policy directory does not validate; the last good set stays active:\n{problems}"
+                ),
+            );
+            e.path = problems
+                .0
+                .first()
+                .map(|p| format!("{}:{}:{}", p.file, p.line, p.col))
+                .unwrap_or_default();
+            Err(e)
+        }
+    }
+}
+
+fn unix_secs(t: std::time::SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn status(shared: &Shared) -> Value {
+    let active = shared.active();
+    let b = &active.bundle;
+    let reload = shared.reload_status();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "policy": {
+            "dir": b.dir.display().to_string(),
+            "epoch": active.epoch,
+            "hash": b.hash,
+            "loaded_at": unix_secs(active.loaded_at),
+            "validation": b.validation,
+            "schema": b.schema.is_some(),
+            "namespace": b.namespace,
+            "policies": b.counts.policies,
+            "templates": b.counts.templates,
+            "links": b.counts.links,
+            "entities": b.counts.entities,
+            "warnings": b.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        },
+        "reload": {
+            "reloads": reload.reloads,
+            "failures": reload.failures,
+            "last_attempt": reload.last_attempt.map(unix_secs),
+            "last_error": reload.last_error.map(|ps| ps.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        },
+        "decisions": {
+            "allow": shared.counters.allow.load(Ordering::Relaxed),
+            "deny": shared.counters.deny.load(Ordering::Relaxed),
+            "bad_requests": shared.counters.bad_requests.load(Ordering::Relaxed),
+        },
+    })
+}
+
+fn metrics(shared: &Shared) -> String {
+    let active = shared.active();
+    let reload = shared.reload_status();
+    let c = &shared.counters;
+    format!(
+        "# HELP vigie_decisions_total Decisions answered, by result.\n\
+         # TYPE vigie_decisions_total counter\n\
+         vigie_decisions_total{{decision=\"allow\"}} {}\n\
+         vigie_decisions_total{{decision=\"deny\"}} {}\n\
+         # HELP vigie_bad_requests_total Requests refused as invalid (HTTP 400).\n\
+         # TYPE vigie_bad_requests_total counter\n\
+         vigie_bad_requests_total {}\n\
+         # HELP vigie_policy_epoch Epoch of the active policy set.\n\
+         # TYPE vigie_policy_epoch gauge\n\
+         vigie_policy_epoch {}\n\
+         # HELP vigie_policy_reloads_total Policy reloads that activated a new set.\n\
+         # TYPE vigie_policy_reloads_total counter\n\
+         vigie_policy_reloads_total {}\n\
+         # HELP vigie_policy_reload_failures_total Policy reloads refused by validation.\n\
+         # TYPE vigie_policy_reload_failures_total counter\n\
+         vigie_policy_reload_failures_total {}\n\
+         # HELP vigie_build_info Build information.\n\
+         # TYPE vigie_build_info gauge\n\
+         vigie_build_info{{version=\"{}\"}} 1\n",
+        c.allow.load(Ordering::Relaxed),
+        c.deny.load(Ordering::Relaxed),
+        c.bad_requests.load(Ordering::Relaxed),
+        active.epoch,
+        reload.reloads,
+        reload.failures,
+        env!("CARGO_PKG_VERSION"),
+    )
+}

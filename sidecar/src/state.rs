@@ -1,0 +1,160 @@
+//! What every request handler shares: the active policy bundle (swapped
+//! atomically on reload), the decision engine, the reload status and the
+//! counters behind `/v1/status` and `/metrics`.
+//!
+//! Invariant: a request takes one snapshot of the bundle and uses it to the
+//! end, so a request in flight during a reload finishes on the old set.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::policy::{self, Bundle, Problem, Problems};
+
+/// A bundle and the epoch it was activated in.
+#[derive(Debug)]
+pub struct Active {
+    pub bundle: Bundle,
+    /// 1 for the bundle loaded at start, +1 for each reload that changed it.
+    pub epoch: u64,
+    pub loaded_at: SystemTime,
+}
+
+/// The outcome of the last reload attempt, for `/v1/status`.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub last_attempt: Option<SystemTime>,
+    /// Why the last attempt was refused; `None` once a later one succeeds.
+    pub last_error: Option<Vec<Problem>>,
+    pub reloads: u64,
+    pub failures: u64,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// A new bundle is active, in this epoch.
+    Swapped(u64),
+    /// The directory's content hash is the one already active.
+    Unchanged(u64),
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub allow: AtomicU64,
+    pub deny: AtomicU64,
+    pub bad_requests: AtomicU64,
+}
+
+pub struct Shared {
+    pub config: Config,
+    pub policy_dir: PathBuf,
+    pub engine: Engine,
+    active: ArcSwap<Active>,
+    status: Mutex<ReloadStatus>,
+    /// Serializes reloads (watcher and `POST /v1/reload`).
+    reload_lock: Mutex<()>,
+    pub counters: Counters,
+    pub started: Instant,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("policy_dir", &self.policy_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Loads the policy directory; a directory that does not load is fatal here.
+    pub fn new(config: Config, policy_dir: PathBuf) -> Result<Arc<Self>, Problems> {
+        let bundle = policy::load(&policy_dir, config.policies.validation)?;
+        for w in &bundle.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(Arc::new(Self {
+            config,
+            policy_dir,
+            engine: Engine::new(),
+            active: ArcSwap::from_pointee(Active {
+                bundle,
+                epoch: 1,
+                loaded_at: SystemTime::now(),
+            }),
+            status: Mutex::new(ReloadStatus::default()),
+            reload_lock: Mutex::new(()),
+            counters: Counters::default(),
+            started: Instant::now(),
+        }))
+    }
+
+    /// The active bundle. Hold it for the whole request.
+    pub fn active(&self) -> Arc<Active> {
+        self.active.load_full()
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Loads the directory again and, if it is valid and different, makes it
+    /// active. A directory that fails keeps the last good bundle. Blocking:
+    /// call it off the async runtime.
+    pub fn reload(&self) -> Result<Reloaded, Problems> {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let result = policy::load(&self.policy_dir, self.config.policies.validation);
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.last_attempt = Some(SystemTime::now());
+        match result {
+            Err(problems) => {
+                status.failures += 1;
+                status.last_error = Some(problems.0.clone());
+                tracing::error!(
+                    dir = %self.policy_dir.display(),
+                    "policy reload refused, keeping the last good set:\n{problems}"
+                );
+                Err(problems)
+            }
+            Ok(bundle) => {
+                status.last_error = None;
+                let current = self.active.load();
+                if current.bundle.hash == bundle.hash {
+                    return Ok(Reloaded::Unchanged(current.epoch));
+                }
+                for w in &bundle.warnings {
+                    tracing::warn!("{w}");
+                }
+                let epoch = current.epoch + 1;
+                tracing::info!(
+                    epoch,
+                    hash = %bundle.hash,
+                    policies = bundle.counts.policies,
+                    entities = bundle.counts.entities,
+                    "policy set reloaded"
+                );
+                self.active.store(Arc::new(Active {
+                    bundle,
+                    epoch,
+                    loaded_at: SystemTime::now(),
+                }));
+                status.reloads += 1;
+                Ok(Reloaded::Swapped(epoch))
+            }
+        }
+    }
+
+    pub fn count(&self, allow: bool) {
+        let c = if allow {
+            &self.counters.allow
+        } else {
+            &self.counters.deny
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
