@@ -244,24 +244,31 @@ fn prepare(bundle: &Bundle, input: Input) -> Result<(Request, Option<Entities>),
             "expected a JSON object",
         ));
     }
-    // Kept only to locate an error; Cedar consumes the value.
-    let raw_context = schema.is_some().then(|| input.context.clone());
     let action_name = input.action.to_string();
-    let context_error = |message: String| {
-        let located = raw_context
-            .as_ref()
-            .and_then(|c| bundle.shapes.locate(&action_name, c));
-        match located {
-            Some((path, what)) => InputError::new(
-                "invalid_context",
-                path.replacen("context", paths.context, 1),
-                format!("{what}: {message}"),
-            ),
-            None => InputError::new("invalid_context", paths.context, message),
+    let context_error = |raw: &Value, message: String| match bundle.shapes.locate(&action_name, raw)
+    {
+        Some((path, what)) => {
+            let path = path.replacen("context", paths.context, 1);
+            InputError::new("invalid_context", path.clone(), format!("`{path}`: {what}"))
+        }
+        None => InputError::new("invalid_context", paths.context, message),
+    };
+    // Fast path: built with the schema's types. Otherwise Cedar's parser,
+    // which also gives the error messages. Request validation checks both.
+    let fast = match schema {
+        Some(_) => bundle.shapes.context(&action_name, &input.context),
+        None => None,
+    };
+    let (context, raw_context) = match fast {
+        Some(c) => (c, input.context),
+        None => {
+            let raw = input.context.clone();
+            match Context::from_json_value(input.context, schema.map(|s| (s, &input.action))) {
+                Ok(c) => (c, raw),
+                Err(e) => return Err(context_error(&raw, cedar_message(&e))),
+            }
         }
     };
-    let context = Context::from_json_value(input.context, schema.map(|s| (s, &input.action)))
-        .map_err(|e| context_error(cedar_message(&e)))?;
     let request = Request::new(
         input.principal,
         input.action,
@@ -271,7 +278,7 @@ fn prepare(bundle: &Bundle, input: Input) -> Result<(Request, Option<Entities>),
     )
     .map_err(|e| match e {
         RequestValidationError::InvalidContext(_) | RequestValidationError::TypeOfContext(_) => {
-            context_error(cedar_message(&e))
+            context_error(&raw_context, cedar_message(&e))
         }
         e => request_error(&e, paths),
     })?;
