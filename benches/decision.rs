@@ -3,7 +3,9 @@
 //!
 //!     cargo bench -p vigie --bench decision
 //!
-//! `engine/*` isolates Cedar's part (a request already parsed into uids).
+//! `engine/*` isolates Cedar's part (a request already parsed into uids);
+//! `cache/*` the decision cache: a hit in memory (L1), a hit in sled (L2),
+//! against the same request evaluated (cache off).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,13 +19,21 @@ use vigie::engine::Query;
 use vigie::server;
 use vigie::state::Shared;
 
-fn shared() -> std::sync::Arc<Shared> {
+fn start(data: &Path, cache: vigie::cache::Config) -> std::sync::Arc<Shared> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    Shared::new(Config::default(), dir).unwrap()
+    let mut config = Config::default();
+    config.data.dir = data.to_path_buf();
+    config.cache = cache;
+    Shared::new(config, dir).unwrap()
 }
 
 fn bench(c: &mut Criterion) {
-    let shared = shared();
+    let data = tempfile::tempdir().unwrap();
+    let off = vigie::cache::Config {
+        enabled: false,
+        ..Default::default()
+    };
+    let shared = start(&data.path().join("off"), off);
     let allow = json!({
         "principal": "Agency::User::\"alice\"",
         "action": "Agency::Action::\"read\"",
@@ -66,6 +76,50 @@ fn bench(c: &mut Criterion) {
             |input| shared.engine.decide(&active.bundle, input).unwrap(),
             criterion::BatchSize::SmallInput,
         )
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("cache");
+    let hour = vigie::cache::Config {
+        ttl_ms: 3_600_000,
+        ..Default::default()
+    };
+    let l1 = start(&data.path().join("l1"), hour.clone());
+    server::is_authorized(&l1, allow.as_bytes()).unwrap();
+    assert!(
+        String::from_utf8(server::is_authorized(&l1, allow.as_bytes()).unwrap())
+            .unwrap()
+            .contains("\"cached\":true")
+    );
+    g.bench_function("l1_hit_is_authorized", |b| {
+        b.iter(|| server::is_authorized(&l1, black_box(allow.as_bytes())).unwrap())
+    });
+    let active = l1.active();
+    let input = query.clone().into_input().unwrap();
+    g.bench_function("l1_hit_key_and_lookup", |b| {
+        b.iter(|| {
+            let key = vigie::cache::key(&active.bundle.hash, black_box(&input));
+            l1.cache.get(&key, vigie::cache::now_ms()).unwrap()
+        })
+    });
+    // No room in memory: every hit comes from sled.
+    let l2 = start(
+        &data.path().join("l2"),
+        vigie::cache::Config {
+            l1_max_entries: 0,
+            ..hour
+        },
+    );
+    server::is_authorized(&l2, allow.as_bytes()).unwrap();
+    let active2 = l2.active();
+    g.bench_function("l2_hit_key_and_lookup", |b| {
+        b.iter(|| {
+            let key = vigie::cache::key(&active2.bundle.hash, black_box(&input));
+            l2.cache.get(&key, vigie::cache::now_ms()).unwrap()
+        })
+    });
+    g.bench_function("l2_hit_is_authorized", |b| {
+        b.iter(|| server::is_authorized(&l2, black_box(allow.as_bytes())).unwrap())
     });
     g.finish();
 }

@@ -59,28 +59,48 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .context("cannot start the reload thread")?;
     }
 
+    if shared.cache.l2_enabled() {
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("vigie-cache-trim".into())
+            .spawn(move || loop {
+                std::thread::sleep(s.cache.trim_interval());
+                s.cache.trim(crate::cache::now_ms());
+            })
+            .context("cannot start the cache trimming thread")?;
+    }
+
+    // Bind every listener before announcing any, so that whoever waits for
+    // the announcement finds them all accepting.
     let listen = shared.config.server.listen;
     let tcp = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(addr = %tcp.local_addr()?, "listening (HTTP)");
-    tokio::spawn(accept_tcp(tcp, Arc::clone(&shared)));
-
     #[cfg(unix)]
-    if let Some(path) = shared.config.server.unix_socket.clone() {
-        // A stale socket from an earlier run would make bind fail.
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove stale socket `{}`", path.display()))?;
+    let uds = match shared.config.server.unix_socket.clone() {
+        None => None,
+        Some(path) => {
+            // A stale socket from an earlier run would make bind fail.
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove stale socket `{}`", path.display()))?;
+            }
+            let l = tokio::net::UnixListener::bind(&path)
+                .with_context(|| format!("cannot listen on unix socket `{}`", path.display()))?;
+            Some((l, path))
         }
-        let uds = tokio::net::UnixListener::bind(&path)
-            .with_context(|| format!("cannot listen on unix socket `{}`", path.display()))?;
+    };
+    #[cfg(unix)]
+    if let Some((uds, path)) = uds {
         tracing::info!(path = %path.display(), "listening (HTTP over Unix socket)");
         tokio::spawn(accept_unix(uds, Arc::clone(&shared)));
     }
+    tracing::info!(addr = %tcp.local_addr()?, "listening (HTTP)");
+    tokio::spawn(accept_tcp(tcp, Arc::clone(&shared)));
 
     shutdown_signal().await;
     tracing::info!("shutting down");
+    shared.cache.flush();
     Ok(())
 }
 

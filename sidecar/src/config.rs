@@ -21,6 +21,7 @@ pub struct Config {
     pub policies: Policies,
     pub data: Data,
     pub authzen: Authzen,
+    pub cache: crate::cache::Config,
     pub log: Log,
 }
 
@@ -290,6 +291,17 @@ fn default_keys(section: &str) -> &'static [&'static str] {
         "policies" => &["dir", "validation", "watch", "poll_interval_ms"],
         "data" => &["dir"],
         "authzen" => &["aliases", "properties"],
+        "cache" => &[
+            "enabled",
+            "ttl_ms",
+            "l1_max_entries",
+            "l1_max_bytes",
+            "l2",
+            "l2_max_entries",
+            "l2_max_bytes",
+            "l2_page_cache_bytes",
+            "l2_trim_interval_ms",
+        ],
         "log" => &["format", "level"],
         _ => &[],
     }

@@ -154,7 +154,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         "/metrics" => Ok(text_response(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics(shared),
+            metrics(shared) + &cache_metrics(shared),
         )),
         "/.well-known/authzen-configuration" => {
             let host = req
@@ -186,7 +186,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             let eval: authzen::Evaluation = read_json(shared, req).await?;
             let active = shared.active();
             let input = authzen::to_input(&shared.config.authzen, &active.bundle, eval)?;
-            let outcome = shared.engine.decide(&active.bundle, input)?;
+            let (outcome, _) = shared.decide(&active, input)?;
             shared.count(outcome.allow);
             Ok(json_response(StatusCode::OK, &authzen_single(&outcome)))
         }
@@ -284,18 +284,18 @@ pub fn is_authorized(shared: &Shared, body: &[u8]) -> Result<Vec<u8>, ApiError> 
 fn decide(shared: &Shared, query: Query) -> Result<Value, ApiError> {
     let active = shared.active();
     let input = query.into_input()?;
-    let outcome = shared.engine.decide(&active.bundle, input)?;
+    let (outcome, cached) = shared.decide(&active, input)?;
     shared.count(outcome.allow);
-    Ok(answer(&outcome))
+    Ok(answer(&outcome, cached))
 }
 
 /// The native answer.
-fn answer(o: &Outcome) -> Value {
+fn answer(o: &Outcome, cached: bool) -> Value {
     json!({
         "decision": if o.allow { "Allow" } else { "Deny" },
         "diagnostics": {"reason": o.reasons, "errors": o.errors},
         "decision_id": new_decision_id(),
-        "cached": false,
+        "cached": cached,
     })
 }
 
@@ -366,14 +366,13 @@ fn batch_decide(shared: &Shared, body: Value) -> Result<Value, ApiError> {
                 .and_then(|q| q.into_input().map_err(|e| ApiError::from(e.under(&prefix))))
                 .and_then(|input| {
                     shared
-                        .engine
-                        .decide(&active.bundle, input)
+                        .decide(&active, input)
                         .map_err(|e| ApiError::from(e.under(&prefix)))
                 });
             match result {
-                Ok(outcome) => {
+                Ok((outcome, cached)) => {
                     shared.count(outcome.allow);
-                    answer(&outcome)
+                    answer(&outcome, cached)
                 }
                 Err(e) => {
                     shared.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
@@ -400,7 +399,7 @@ fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Value, Ap
         None => {
             let eval = req.defaults.complete()?;
             let input = authzen::to_input(&shared.config.authzen, &active.bundle, eval)?;
-            let outcome = shared.engine.decide(&active.bundle, input)?;
+            let (outcome, _) = shared.decide(&active, input)?;
             shared.count(outcome.allow);
             return Ok(authzen_single(&outcome));
         }
@@ -425,9 +424,9 @@ fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Value, Ap
             .over(&req.defaults)
             .complete()
             .and_then(|e| authzen::to_input(&shared.config.authzen, &active.bundle, e))
-            .and_then(|input| shared.engine.decide(&active.bundle, input));
+            .and_then(|input| shared.decide(&active, input));
         let allow = match result {
-            Ok(outcome) => {
+            Ok((outcome, _)) => {
                 shared.count(outcome.allow);
                 out.push(json!({"decision": outcome.allow}));
                 outcome.allow
@@ -522,12 +521,68 @@ fn status(shared: &Shared) -> Value {
             "last_attempt": reload.last_attempt.map(unix_secs),
             "last_error": reload.last_error.map(|ps| ps.iter().map(ToString::to_string).collect::<Vec<_>>()),
         },
+        "cache": cache_status(shared),
         "decisions": {
             "allow": shared.counters.allow.load(Ordering::Relaxed),
             "deny": shared.counters.deny.load(Ordering::Relaxed),
             "bad_requests": shared.counters.bad_requests.load(Ordering::Relaxed),
         },
     })
+}
+
+fn cache_status(shared: &Shared) -> Value {
+    let c = &shared.cache;
+    let s = &c.stats;
+    let (n1, b1, n2, b2) = c.sizes();
+    json!({
+        "enabled": c.enabled(),
+        "ttl_ms": c.ttl().as_millis() as u64,
+        "misses": s.misses.load(Ordering::Relaxed),
+        "expired": s.expired.load(Ordering::Relaxed),
+        "l1": {"hits": s.l1_hits.load(Ordering::Relaxed), "evictions": s.l1_evictions.load(Ordering::Relaxed), "entries": n1, "bytes": b1},
+        "l2": {"enabled": c.l2_enabled(), "hits": s.l2_hits.load(Ordering::Relaxed), "evictions": s.l2_evictions.load(Ordering::Relaxed), "entries": n2, "bytes": b2},
+    })
+}
+
+fn cache_metrics(shared: &Shared) -> String {
+    let c = &shared.cache;
+    let s = &c.stats;
+    let (n1, b1, n2, b2) = c.sizes();
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    format!(
+        "# HELP vigie_cache_hits_total Decisions answered from the cache, by tier.\n\
+         # TYPE vigie_cache_hits_total counter\n\
+         vigie_cache_hits_total{{tier=\"l1\"}} {}\n\
+         vigie_cache_hits_total{{tier=\"l2\"}} {}\n\
+         # HELP vigie_cache_misses_total Lookups that found no live entry.\n\
+         # TYPE vigie_cache_misses_total counter\n\
+         vigie_cache_misses_total {}\n\
+         # HELP vigie_cache_evictions_total Entries evicted to stay within bounds, by tier.\n\
+         # TYPE vigie_cache_evictions_total counter\n\
+         vigie_cache_evictions_total{{tier=\"l1\"}} {}\n\
+         vigie_cache_evictions_total{{tier=\"l2\"}} {}\n\
+         # HELP vigie_cache_expired_total Entries dropped because their lifetime ended.\n\
+         # TYPE vigie_cache_expired_total counter\n\
+         vigie_cache_expired_total {}\n\
+         # HELP vigie_cache_entries Entries held, by tier.\n\
+         # TYPE vigie_cache_entries gauge\n\
+         vigie_cache_entries{{tier=\"l1\"}} {}\n\
+         vigie_cache_entries{{tier=\"l2\"}} {}\n\
+         # HELP vigie_cache_bytes Bytes held, by tier (L1 approximate, L2 on disk).\n\
+         # TYPE vigie_cache_bytes gauge\n\
+         vigie_cache_bytes{{tier=\"l1\"}} {}\n\
+         vigie_cache_bytes{{tier=\"l2\"}} {}\n",
+        l(&s.l1_hits),
+        l(&s.l2_hits),
+        l(&s.misses),
+        l(&s.l1_evictions),
+        l(&s.l2_evictions),
+        l(&s.expired),
+        n1,
+        n2,
+        b1,
+        b2,
+    )
 }
 
 fn metrics(shared: &Shared) -> String {

@@ -12,8 +12,9 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
+use crate::cache::{self, Cache};
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Engine, Input, InputError, Outcome};
 use crate::policy::{self, Bundle, Problem, Problems};
 
 /// A bundle and the epoch it was activated in.
@@ -55,6 +56,7 @@ pub struct Shared {
     pub config: Config,
     pub policy_dir: PathBuf,
     pub engine: Engine,
+    pub cache: Cache,
     active: ArcSwap<Active>,
     status: Mutex<ReloadStatus>,
     /// Serializes reloads (watcher and `POST /v1/reload`).
@@ -78,10 +80,12 @@ impl Shared {
         for w in &bundle.warnings {
             tracing::warn!("{w}");
         }
+        let cache = Cache::open(config.cache.clone(), &config.data.dir);
         Ok(Arc::new(Self {
             config,
             policy_dir,
             engine: Engine::new(),
+            cache,
             active: ArcSwap::from_pointee(Active {
                 bundle,
                 epoch: 1,
@@ -147,6 +151,35 @@ impl Shared {
                 Ok(Reloaded::Swapped(epoch))
             }
         }
+    }
+
+    /// Answers from the cache, or evaluates and caches. Returns the outcome
+    /// and whether it came from the cache. `active` is the request's snapshot.
+    pub fn decide(&self, active: &Active, input: Input) -> Result<(Outcome, bool), InputError> {
+        if !self.cache.enabled() {
+            return self
+                .engine
+                .decide(&active.bundle, input)
+                .map(|o| (o, false));
+        }
+        // INVARIANT: only valid requests are ever cached, so a hit needs no
+        // validation: the same input on the same bundle validated before.
+        let key = cache::key(&active.bundle.hash, &input);
+        let now = cache::now_ms();
+        if let Some((entry, _tier)) = self.cache.get(&key, now) {
+            return Ok((entry.outcome(), true));
+        }
+        let outcome = self.engine.decide(&active.bundle, input)?;
+        self.cache.put(
+            key,
+            cache::Entry {
+                expires_ms: now + self.cache.ttl().as_millis() as u64,
+                allow: outcome.allow,
+                reasons: outcome.reasons.clone(),
+                errors: outcome.errors.clone(),
+            },
+        );
+        Ok((outcome, false))
     }
 
     pub fn count(&self, allow: bool) {

@@ -66,7 +66,12 @@ fn to_authzen(req: &Value) -> Value {
 fn vigie_agrees_with_the_reference_engine() {
     let dir = tempfile::tempdir().unwrap();
     let cases = generate(dir.path());
-    let v = Vigie::start(&dir.path().join("policies"), &[], &[]);
+    // The engine itself, cache off: every answer is computed.
+    let v = Vigie::start(
+        &dir.path().join("policies"),
+        &[],
+        &[("VIGIE_CACHE_ENABLED", "false")],
+    );
 
     let mut mismatches = Vec::new();
     // 1. One by one.
@@ -139,6 +144,22 @@ fn vigie_agrees_with_the_reference_engine() {
                 "authzen single: {} -> {got} (cedar: {} {})",
                 case["request"], case["decision"], case["reasons"]
             ));
+        }
+    }
+    // Cached answers agree too: the second time, every answer is a hit.
+    let cached = Vigie::start(&dir.path().join("policies"), &[], &[]);
+    for round in 0..2 {
+        for (i, case) in cases.iter().enumerate().step_by(3) {
+            let got = cached.post("/v1/is_authorized", &case["request"]).json();
+            if got["decision"] != case["decision"]
+                || got["diagnostics"]["reason"] != case["reasons"]
+                || got["cached"] != (round == 1)
+            {
+                mismatches.push(format!(
+                    "cache round {round} #{i}: {got} (cedar: {} {})",
+                    case["decision"], case["reasons"]
+                ));
+            }
         }
     }
     assert!(

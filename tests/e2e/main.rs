@@ -5,6 +5,7 @@
 
 mod api;
 mod authzen;
+mod cache;
 mod cli;
 mod differential;
 mod reload;

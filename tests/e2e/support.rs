@@ -36,7 +36,7 @@ pub struct Vigie {
     child: Child,
     pub addr: SocketAddr,
     log: Arc<Mutex<String>>,
-    _data: tempfile::TempDir,
+    _data: Option<tempfile::TempDir>,
 }
 
 impl Vigie {
@@ -44,13 +44,20 @@ impl Vigie {
     /// directory; `args` and `env` are added.
     pub fn start(policies: &Path, args: &[&str], env: &[(&str, &str)]) -> Vigie {
         let data = tempfile::tempdir().unwrap();
+        let mut v = Self::start_in(policies, data.path(), args, env);
+        v._data = Some(data);
+        v
+    }
+
+    /// As [`Vigie::start`], with a data directory that outlives the process.
+    pub fn start_in(policies: &Path, data: &Path, args: &[&str], env: &[(&str, &str)]) -> Vigie {
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .arg("--policies")
             .arg(policies)
             .arg("--data-dir")
-            .arg(data.path())
+            .arg(data)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -90,12 +97,29 @@ impl Vigie {
             child,
             addr,
             log,
-            _data: data,
+            _data: None,
         }
     }
 
     pub fn example() -> Vigie {
         Self::start(&example_policies(), &[], &[])
+    }
+
+    /// Stops the sidecar with SIGTERM (a graceful stop) and waits for it.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "vigie did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
