@@ -5,7 +5,8 @@
 //!
 //! `engine/*` isolates Cedar's part (a request already parsed into uids);
 //! `cache/*` the decision cache: a hit in memory (L1), a hit in sled (L2),
-//! against the same request evaluated (cache off).
+//! against the same request evaluated (cache off); `log/*` what writing the
+//! decision record adds, with each durability mode (one record per group).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,14 +21,28 @@ use vigie::server;
 use vigie::state::Shared;
 
 fn start(data: &Path, cache: vigie::cache::Config) -> std::sync::Arc<Shared> {
+    start_with(data, cache, vigie::audit::Durability::Process)
+}
+
+/// A sidecar state on the example set. Decision benches log with `process`
+/// durability (the record is written, not fsync'd): they measure CPU, the
+/// `log/*` benches measure what durability costs.
+fn start_with(
+    data: &Path,
+    cache: vigie::cache::Config,
+    durability: vigie::audit::Durability,
+) -> std::sync::Arc<Shared> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let mut config = Config::default();
     config.data.dir = data.to_path_buf();
     config.cache = cache;
+    config.audit.durability = durability;
+    config.audit.sidecar_id = Some("bench".into());
     Shared::new(config, dir).unwrap()
 }
 
 fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let data = tempfile::tempdir().unwrap();
     let off = vigie::cache::Config {
         enabled: false,
@@ -53,17 +68,17 @@ fn bench(c: &mut Criterion) {
     })
     .to_string();
     assert!(
-        String::from_utf8(server::is_authorized(&shared, allow.as_bytes()).unwrap())
+        String::from_utf8(rt.block_on(server::is_authorized(&shared, allow.as_bytes())).unwrap())
             .unwrap()
             .contains("Allow")
     );
 
     let mut g = c.benchmark_group("is_authorized");
     g.bench_function("allow_with_context", |b| {
-        b.iter(|| server::is_authorized(&shared, black_box(allow.as_bytes())).unwrap())
+        b.iter(|| rt.block_on(server::is_authorized(&shared, black_box(allow.as_bytes()))).unwrap())
     });
     g.bench_function("deny_empty_context", |b| {
-        b.iter(|| server::is_authorized(&shared, black_box(deny.as_bytes())).unwrap())
+        b.iter(|| rt.block_on(server::is_authorized(&shared, black_box(deny.as_bytes()))).unwrap())
     });
     g.finish();
 
@@ -85,14 +100,14 @@ fn bench(c: &mut Criterion) {
         ..Default::default()
     };
     let l1 = start(&data.path().join("l1"), hour.clone());
-    server::is_authorized(&l1, allow.as_bytes()).unwrap();
+    rt.block_on(server::is_authorized(&l1, allow.as_bytes())).unwrap();
     assert!(
-        String::from_utf8(server::is_authorized(&l1, allow.as_bytes()).unwrap())
+        String::from_utf8(rt.block_on(server::is_authorized(&l1, allow.as_bytes())).unwrap())
             .unwrap()
             .contains("\"cached\":true")
     );
     g.bench_function("l1_hit_is_authorized", |b| {
-        b.iter(|| server::is_authorized(&l1, black_box(allow.as_bytes())).unwrap())
+        b.iter(|| rt.block_on(server::is_authorized(&l1, black_box(allow.as_bytes()))).unwrap())
     });
     let active = l1.active();
     let input = query.clone().into_input().unwrap();
@@ -110,7 +125,7 @@ fn bench(c: &mut Criterion) {
             ..hour
         },
     );
-    server::is_authorized(&l2, allow.as_bytes()).unwrap();
+    rt.block_on(server::is_authorized(&l2, allow.as_bytes())).unwrap();
     let active2 = l2.active();
     g.bench_function("l2_hit_key_and_lookup", |b| {
         b.iter(|| {
@@ -119,10 +134,36 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("l2_hit_is_authorized", |b| {
-        b.iter(|| server::is_authorized(&l2, black_box(allow.as_bytes())).unwrap())
+        b.iter(|| rt.block_on(server::is_authorized(&l2, black_box(allow.as_bytes()))).unwrap())
     });
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn log(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let off = vigie::cache::Config {
+        enabled: false,
+        ..Default::default()
+    };
+    let mut g = c.benchmark_group("log");
+    for (name, durability) in [
+        ("append_process", vigie::audit::Durability::Process),
+        ("append_power_fdatasync", vigie::audit::Durability::Power),
+    ] {
+        let shared = start_with(&data.path().join(name), off.clone(), durability);
+        let active = shared.active();
+        let query: Query = serde_json::from_str(
+            r#"{"principal":"Agency::User::\"alice\"","action":"Agency::Action::\"read\"","resource":"Agency::Record::\"social-001\"","context":{"ip":"10.1.2.3"}}"#,
+        )
+        .unwrap();
+        let decided = shared.decide_draft(&active, query.into_input().unwrap()).unwrap();
+        g.bench_function(name, |b| {
+            b.iter(|| rt.block_on(shared.log_all(vec![decided.clone()])))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, log);
 criterion_main!(benches);

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::server;
-use crate::state::Shared;
+use crate::state::{Shared, StartError};
 
 /// The policy directory to serve: the configured one, or — when the default
 /// `policies` is not in the working directory — the example bundled with the
@@ -32,11 +32,12 @@ pub fn policy_dir(config: &Config) -> PathBuf {
 /// Runs the sidecar until the process is stopped (SIGINT or SIGTERM).
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let dir = policy_dir(&config);
-    let shared = Shared::new(config, dir.clone()).map_err(|problems| {
-        anyhow::anyhow!(
+    let shared = Shared::new(config, dir.clone()).map_err(|e| match e {
+        StartError::Policies(problems) => anyhow::anyhow!(
             "the policy directory `{}` does not load:\n{problems}",
             dir.display()
-        )
+        ),
+        other => anyhow::anyhow!("{other}"),
     })?;
     {
         let active = shared.active();
@@ -57,6 +58,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .name("vigie-reload".into())
             .spawn(move || crate::reload::watch(s))
             .context("cannot start the reload thread")?;
+    }
+
+    if shared.config.audit.ledger.is_some() {
+        let outbox = shared.log.outbox.clone();
+        let key = Arc::clone(&shared.log.key);
+        let id = shared.log.sidecar_id.clone();
+        let config = shared.config.audit.clone();
+        let stats = Arc::clone(&shared.log.shipper);
+        std::thread::Builder::new()
+            .name("vigie-shipper".into())
+            .spawn(move || crate::audit::shipper::run(outbox, key, id, config, stats))
+            .context("cannot start the shipper thread")?;
     }
 
     if shared.cache.l2_enabled() {
@@ -102,6 +115,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     shared.cache.flush();
     Ok(())
+}
+
+/// Resolves on SIGTERM (never, where there is no such signal).
+pub async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            term.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 async fn shutdown_signal() {

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::engine::{Input, Outcome};
@@ -171,49 +170,12 @@ pub fn key(bundle_hash: &str, input: &Input) -> Key {
         let _ = write!(buf, "\n{part}");
     }
     buf.push(b'\n');
-    canonical(&input.context, &mut buf);
+    crate::canon::write(&input.context, &mut buf);
     for (_, entity) in &input.entities {
         buf.push(b'\n');
-        canonical(entity, &mut buf);
+        crate::canon::write(entity, &mut buf);
     }
     Sha256::digest(&buf).into()
-}
-
-/// JSON with object keys sorted, so equal requests hash equally whatever the
-/// order their keys came in.
-fn canonical(v: &Value, out: &mut Vec<u8>) {
-    match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort_unstable();
-            out.push(b'{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                // Serializing a string into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut *out, k);
-                out.push(b':');
-                if let Some(v) = map.get(k) {
-                    canonical(v, out);
-                }
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                canonical(item, out);
-            }
-            out.push(b']');
-        }
-        other => {
-            let _ = serde_json::to_writer(&mut *out, other);
-        }
-    }
 }
 
 impl Cache {
@@ -466,7 +428,7 @@ fn aside_path(dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn entry(expires_ms: u64) -> Entry {
         Entry {

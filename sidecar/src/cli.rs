@@ -27,6 +27,88 @@ pub enum Command {
     Check(DirArgs),
     /// Run a policy directory's test files; print failures and `N passed, M failed`.
     Test(DirArgs),
+    /// The central decision-log store (default 127.0.0.1:8290); `enroll` adds a sidecar key.
+    Ledger(LedgerArgs),
+    /// Make an ed25519 key pair; prints the public key.
+    Keygen(KeygenArgs),
+    /// Verify a ledger's (or an export's) signatures, chains and checkpoint offline.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LedgerArgs {
+    #[command(subcommand)]
+    pub action: Option<LedgerAction>,
+    /// TOML config file.
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+    /// TCP address to listen on ([server] listen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Data directory ([data] dir).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LedgerAction {
+    /// Enroll a sidecar's public key (written to `<data-dir>/sidecars.toml`).
+    Enroll {
+        #[arg(long)]
+        id: String,
+        #[arg(long, value_name = "KEY")]
+        public_key: String,
+    },
+}
+
+impl LedgerArgs {
+    pub fn flags(&self) -> Vec<Flag> {
+        let mut flags = Vec::new();
+        if let Some(l) = &self.listen {
+            flags.push(Flag {
+                section: "server",
+                key: "listen",
+                value: toml::Value::String(l.clone()),
+            });
+        }
+        if let Some(d) = &self.data_dir {
+            flags.push(Flag {
+                section: "data",
+                key: "dir",
+                value: toml::Value::String(d.to_string_lossy().into_owned()),
+            });
+        }
+        flags
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the private key (mode 0600; never overwritten).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// The key's name: a sidecar's id, or a ledger's origin. Default: the host name.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Fetch the export from this ledger.
+    #[arg(long, value_name = "URL", conflicts_with = "export")]
+    pub ledger: Option<String>,
+    /// Verify this export file (`GET /v1/export`).
+    #[arg(long, value_name = "FILE")]
+    pub export: Option<PathBuf>,
+    /// The ledger's public key (`vigie ledger` logs it at start).
+    #[arg(long, value_name = "KEY")]
+    pub ledger_key: Option<String>,
+    /// Trusted sidecar keys: a TOML file of `[[sidecars]] id, public_key`.
+    #[arg(long, value_name = "FILE")]
+    pub sidecars: Option<PathBuf>,
+    /// Check only this decision's inclusion proof (with --ledger).
+    #[arg(long, value_name = "ID", requires = "ledger")]
+    pub decision: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +128,15 @@ pub struct ServeArgs {
     /// Data directory ([data] dir).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The ledger to ship the decision log to ([audit] ledger).
+    #[arg(long, value_name = "URL")]
+    pub ledger: Option<String>,
+    /// This sidecar's id in the ledger ([audit] sidecar_id; default: the host name).
+    #[arg(long, value_name = "ID")]
+    pub sidecar_id: Option<String>,
+    /// `power` or `process` ([audit] durability).
+    #[arg(long, value_name = "MODE")]
+    pub durability: Option<String>,
 }
 
 impl ServeArgs {
@@ -66,6 +157,9 @@ impl ServeArgs {
         push("server", "listen", self.listen.clone());
         push("server", "unix_socket", path(&self.unix_socket));
         push("data", "dir", path(&self.data_dir));
+        push("audit", "ledger", self.ledger.clone());
+        push("audit", "sidecar_id", self.sidecar_id.clone());
+        push("audit", "durability", self.durability.clone());
         flags
     }
 }
@@ -85,6 +179,95 @@ fn parse_validation(s: &str) -> Result<Validation, String> {
         "permissive" => Ok(Validation::Permissive),
         "off" => Ok(Validation::Off),
         _ => Err(format!("`{s}`: expected strict, permissive or off")),
+    }
+}
+
+/// `vigie keygen`
+pub fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
+    let name = args.name.clone().unwrap_or_else(crate::state::host_name);
+    let key = crate::note::KeyPair::generate(&name)?;
+    key.write(&args.out)?;
+    println!("{}", key.public().encode());
+    Ok(())
+}
+
+/// `vigie verify`: returns whether everything verified.
+pub fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
+    use anyhow::Context as _;
+    let mut trust = crate::verify::Trust::default();
+    if let Some(k) = &args.ledger_key {
+        trust.ledger = Some(crate::note::PublicKey::decode(k)?);
+    }
+    if let Some(path) = &args.sidecars {
+        #[derive(serde::Deserialize)]
+        struct File {
+            sidecars: Vec<crate::ledger::Enrolled>,
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read `{}`", path.display()))?;
+        let f: File = toml::from_str(&text).with_context(|| format!("`{}`", path.display()))?;
+        for s in f.sidecars {
+            trust
+                .sidecars
+                .insert(s.id.clone(), crate::note::PublicKey::decode(&s.public_key)?);
+        }
+    }
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(300))
+        .build();
+    if let (Some(base), Some(id)) = (&args.ledger, &args.decision) {
+        let url = format!("{}/v1/decisions/{id}", base.trim_end_matches('/'));
+        let answer: serde_json::Value = agent
+            .get(&url)
+            .call()
+            .with_context(|| format!("GET {url}"))?
+            .into_json()?;
+        let key = match trust.ledger.clone() {
+            Some(k) => k,
+            None => anyhow::bail!("--ledger-key is needed to check an inclusion proof"),
+        };
+        return match crate::verify::verify_inclusion(&answer, &key) {
+            Ok(size) => {
+                println!(
+                    "ok: decision {id} is record {} of the signed tree of size {size}",
+                    answer["index"]
+                );
+                Ok(true)
+            }
+            Err(e) => {
+                println!("FAIL: decision {id}: {e}");
+                Ok(false)
+            }
+        };
+    }
+    let text = match (&args.ledger, &args.export) {
+        (Some(base), _) => {
+            let url = format!("{}/v1/export?format=ndjson", base.trim_end_matches('/'));
+            agent
+                .get(&url)
+                .call()
+                .with_context(|| format!("GET {url}"))?
+                .into_string()?
+        }
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read `{}`", path.display()))?,
+        (None, None) => anyhow::bail!("give --ledger URL or --export FILE"),
+    };
+    match crate::verify::verify_export(&text, &trust) {
+        Ok(s) => {
+            for w in &s.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "ok: {} records from {} sidecars, {} signed batches, {} heartbeats; Merkle tree of {} matches the signed checkpoint",
+                s.records, s.sidecars, s.batches, s.heartbeats, s.tree_size
+            );
+            Ok(true)
+        }
+        Err(e) => {
+            println!("FAIL: {e}");
+            Ok(false)
+        }
     }
 }
 

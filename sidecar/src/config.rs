@@ -22,6 +22,7 @@ pub struct Config {
     pub data: Data,
     pub authzen: Authzen,
     pub cache: crate::cache::Config,
+    pub audit: crate::audit::Config,
     pub log: Log,
 }
 
@@ -194,6 +195,22 @@ pub struct Flag {
 impl Config {
     /// Assembles the configuration: file (if any) < env < flags.
     pub fn load(file: Option<&Path>, env: &dyn Env, flags: &[Flag]) -> Result<Self, ConfigError> {
+        load_layers(file, env, flags, default_keys)
+    }
+}
+
+/// The layering behind every `Config::load`: file < `VIGIE_*` env < flags,
+/// for any configuration tree `T`; `keys` lists each section's keys.
+pub fn load_layers<T>(
+    file: Option<&Path>,
+    env: &dyn Env,
+    flags: &[Flag],
+    keys: fn(&str) -> &'static [&'static str],
+) -> Result<T, ConfigError>
+where
+    T: Default + Serialize + serde::de::DeserializeOwned,
+{
+    {
         let mut table = match file {
             None => toml::Table::new(),
             Some(path) => {
@@ -206,7 +223,7 @@ impl Config {
                     message: e.to_string().trim_end().to_owned(),
                 })?;
                 // Check the file alone first, so an error names the file.
-                Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+                T::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
                     ConfigError::File {
                         path: path.to_owned(),
                         message: e.to_string().trim_end().to_owned(),
@@ -215,13 +232,13 @@ impl Config {
                 table
             }
         };
-        overlay_env(&mut table, env)?;
+        overlay_env::<T>(&mut table, env, keys)?;
         for flag in flags {
             section_mut(&mut table, flag.section)
                 .map_err(|message| ConfigError::Invalid { message })?
                 .insert(flag.key.to_owned(), flag.value.clone());
         }
-        Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Invalid {
+        T::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Invalid {
             message: e.to_string().trim_end().to_owned(),
         })
     }
@@ -241,8 +258,12 @@ fn section_mut<'a>(
 /// Applies `VIGIE_<SECTION>_<KEY>` variables. The type of each key is taken
 /// from the defaults, so `VIGIE_SERVER_MAX_BODY_BYTES=2048` is a number and
 /// `VIGIE_DATA_DIR=/var/lib/vigie` a string.
-fn overlay_env(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> {
-    let defaults = match toml::Value::try_from(Config::default()) {
+fn overlay_env<T: Default + Serialize>(
+    table: &mut toml::Table,
+    env: &dyn Env,
+    default_keys: fn(&str) -> &'static [&'static str],
+) -> Result<(), ConfigError> {
+    let defaults = match toml::Value::try_from(T::default()) {
         Ok(toml::Value::Table(t)) => t,
         _ => toml::Table::new(),
     };
@@ -291,6 +312,20 @@ fn default_keys(section: &str) -> &'static [&'static str] {
         "policies" => &["dir", "validation", "watch", "poll_interval_ms"],
         "data" => &["dir"],
         "authzen" => &["aliases", "properties"],
+        "audit" => &[
+            "durability",
+            "max_outbox_bytes",
+            "when_full",
+            "full_wait_ms",
+            "mask",
+            "ledger",
+            "sidecar_id",
+            "key",
+            "batch_max_records",
+            "batch_max_delay_ms",
+            "heartbeat_ms",
+            "max_backoff_ms",
+        ],
         "cache" => &[
             "enabled",
             "ttl_ms",

@@ -2,14 +2,19 @@
 //! carries its diagnostics. See `ARCHITECTURE.md` for the map.
 
 pub mod app;
+pub mod audit;
 pub mod authzen;
 pub mod cache;
+pub mod canon;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod ledger;
+pub mod note;
 pub mod policy;
 pub mod policytest;
 pub mod reload;
 pub mod server;
 pub mod shape;
 pub mod state;
+pub mod verify;

@@ -11,14 +11,18 @@ use vigie::cli::{self, Cli, Command};
 use vigie::config::{Config, LogFormat, OsEnv};
 
 fn init_logs(config: &Config) {
+    init_logs_with(&config.log);
+}
+
+fn init_logs_with(log: &vigie::config::Log) {
     let filter = EnvFilter::try_from_env("RUST_LOG")
-        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match config.log.format {
+    match log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
@@ -29,6 +33,47 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check(args) => exit(cli::check(&args.dir, args.validation)),
         Command::Test(args) => exit(cli::test(&args.dir, args.validation)),
+        Command::Keygen(args) => match cli::keygen(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vigie: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Verify(args) => match cli::verify(&args) {
+            Ok(ok) => exit(ok),
+            Err(e) => {
+                eprintln!("vigie: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Ledger(args) => {
+            let config =
+                match vigie::ledger::Config::load(args.config.as_deref(), &OsEnv, &args.flags()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("vigie: bad configuration: {e}");
+                        return ExitCode::from(64);
+                    }
+                };
+            if let Some(cli::LedgerAction::Enroll { id, public_key }) = &args.action {
+                return match vigie::ledger::enroll(&config.data.dir, id, public_key) {
+                    Ok(()) => {
+                        println!(
+                            "enrolled `{id}` in {}",
+                            vigie::ledger::enrollment_file(&config.data.dir).display()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("vigie: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            init_logs_with(&config.log);
+            run(vigie::ledger::serve(config))
+        }
         Command::Serve(args) => {
             let config = match Config::load(args.config.as_deref(), &OsEnv, &args.flags()) {
                 Ok(c) => c,
@@ -38,23 +83,27 @@ fn main() -> ExitCode {
                 }
             };
             init_logs(&config);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("vigie: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(vigie::app::serve(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("vigie: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            run(vigie::app::serve(config))
+        }
+    }
+}
+
+fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vigie: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigie: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

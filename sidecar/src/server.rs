@@ -19,8 +19,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::authzen::{self, Semantic};
-use crate::engine::{InputError, Outcome, Query};
-use crate::state::{Reloaded, Shared};
+use crate::engine::{InputError, Query};
+use crate::state::{Logged, Reloaded, Shared};
 
 pub type Body = Full<Bytes>;
 
@@ -154,7 +154,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         "/metrics" => Ok(text_response(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics(shared) + &cache_metrics(shared),
+            metrics(shared) + &cache_metrics(shared) + &log_metrics(shared),
         )),
         "/.well-known/authzen-configuration" => {
             let host = req
@@ -175,24 +175,27 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         "/v1/reload" => reload(shared).await,
         "/v1/is_authorized" => {
             let query: Query = read_json(shared, req).await?;
-            let answer = decide(shared, query)?;
+            let answer = decide(shared, query).await?;
             Ok(json_response(StatusCode::OK, &answer))
         }
         "/v1/is_authorized/batch" => {
             let batch: Value = read_json(shared, req).await?;
-            batch_decide(shared, batch).map(|v| json_response(StatusCode::OK, &v))
+            batch_decide(shared, batch)
+                .await
+                .map(|v| json_response(StatusCode::OK, &v))
         }
         "/access/v1/evaluation" => {
             let eval: authzen::Evaluation = read_json(shared, req).await?;
             let active = shared.active();
             let input = authzen::to_input(&shared.config.authzen, &active.bundle, eval)?;
-            let (outcome, _) = shared.decide(&active, input)?;
-            shared.count(outcome.allow);
-            Ok(json_response(StatusCode::OK, &authzen_single(&outcome)))
+            let logged = shared.decide_logged(&active, input).await?;
+            Ok(json_response(StatusCode::OK, &authzen_single(&logged)))
         }
         "/access/v1/evaluations" => {
             let evals: authzen::Evaluations = read_json(shared, req).await?;
-            authzen_batch(shared, evals).map(|v| json_response(StatusCode::OK, &v))
+            authzen_batch(shared, evals)
+                .await
+                .map(|v| json_response(StatusCode::OK, &v))
         }
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -269,38 +272,34 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-fn new_decision_id() -> String {
-    uuid::Uuid::now_v7().to_string()
-}
-
 /// The whole in-process path of `POST /v1/is_authorized` after the body is
-/// read: parse, validate, authorize, serialize. (Used by the benchmarks.)
-pub fn is_authorized(shared: &Shared, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+/// read: parse, validate, authorize, log, serialize. (Used by the benchmarks.)
+pub async fn is_authorized(shared: &Shared, body: &[u8]) -> Result<Vec<u8>, ApiError> {
     let query: Query = parse_json(body)?;
-    let answer = decide(shared, query)?;
+    let answer = decide(shared, query).await?;
     Ok(serde_json::to_vec(&answer).unwrap_or_default())
 }
 
-fn decide(shared: &Shared, query: Query) -> Result<Value, ApiError> {
+async fn decide(shared: &Shared, query: Query) -> Result<Value, ApiError> {
     let active = shared.active();
     let input = query.into_input()?;
-    let (outcome, cached) = shared.decide(&active, input)?;
-    shared.count(outcome.allow);
-    Ok(answer(&outcome, cached))
+    let logged = shared.decide_logged(&active, input).await?;
+    Ok(answer(&logged))
 }
 
 /// The native answer.
-fn answer(o: &Outcome, cached: bool) -> Value {
+fn answer(l: &Logged) -> Value {
+    let o = &l.outcome;
     json!({
         "decision": if o.allow { "Allow" } else { "Deny" },
         "diagnostics": {"reason": o.reasons, "errors": o.errors},
-        "decision_id": new_decision_id(),
-        "cached": cached,
+        "decision_id": l.decision_id,
+        "cached": l.cached,
     })
 }
 
-fn batch_decide(shared: &Shared, body: Value) -> Result<Value, ApiError> {
-    let requests = match body {
+fn batch_items(body: Value) -> Result<Vec<Value>, ApiError> {
+    match body {
         Value::Object(mut map) => {
             if let Some(extra) = map.keys().find(|k| *k != "requests") {
                 return Err(ApiError::new(
@@ -311,87 +310,95 @@ fn batch_decide(shared: &Shared, body: Value) -> Result<Value, ApiError> {
                 .at(extra.clone()));
             }
             match map.remove("requests") {
-                Some(Value::Array(r)) => r,
-                _ => {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_field",
-                        "expected `requests`: an array of requests",
-                    )
-                    .at("requests"))
-                }
+                Some(Value::Array(r)) => Ok(r),
+                _ => Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_field",
+                    "expected `requests`: an array of requests",
+                )
+                .at("requests")),
             }
         }
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                "expected an object with `requests`",
-            ))
-        }
-    };
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "expected an object with `requests`",
+        )),
+    }
+}
+
+fn check_batch_size(shared: &Shared, n: usize, field: &str) -> Result<(), ApiError> {
     let max = shared.config.server.max_batch;
-    if requests.len() > max {
+    if n > max {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "batch_too_large",
-            format!(
-                "{} requests in one batch; the limit is {max}",
-                requests.len()
-            ),
+            format!("{n} items in one request; the limit is {max}"),
         )
-        .at("requests"));
+        .at(field));
     }
+    Ok(())
+}
+
+async fn batch_decide(shared: &Shared, body: Value) -> Result<Value, ApiError> {
+    let requests = batch_items(body)?;
+    check_batch_size(shared, requests.len(), "requests")?;
     // One snapshot for the whole batch: every item sees the same policy set.
     let active = shared.active();
-    let responses: Vec<Value> = requests
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let prefix = format!("requests[{i}]");
-            let result = serde_path_to_error::deserialize::<_, Query>(item)
-                .map_err(|e| {
-                    let path = e.path().to_string();
-                    let err = ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_field",
-                        e.into_inner().to_string(),
-                    );
-                    if path == "." {
-                        err.at(prefix.clone())
-                    } else {
-                        err.at(format!("{prefix}.{path}"))
-                    }
-                })
-                .and_then(|q| q.into_input().map_err(|e| ApiError::from(e.under(&prefix))))
-                .and_then(|input| {
-                    shared
-                        .decide(&active, input)
-                        .map_err(|e| ApiError::from(e.under(&prefix)))
-                });
-            match result {
-                Ok((outcome, cached)) => {
-                    shared.count(outcome.allow);
-                    answer(&outcome, cached)
+    let mut decided = Vec::new();
+    let mut slots: Vec<Result<usize, Value>> = Vec::with_capacity(requests.len());
+    for (i, item) in requests.into_iter().enumerate() {
+        let prefix = format!("requests[{i}]");
+        let result = serde_path_to_error::deserialize::<_, Query>(item)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let err = ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_field",
+                    e.into_inner().to_string(),
+                );
+                if path == "." {
+                    err.at(prefix.clone())
+                } else {
+                    err.at(format!("{prefix}.{path}"))
                 }
-                Err(e) => {
-                    shared.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
-                    e.body()
-                }
+            })
+            .and_then(|q| q.into_input().map_err(|e| ApiError::from(e.under(&prefix))))
+            .and_then(|input| {
+                shared
+                    .decide_draft(&active, input)
+                    .map_err(|e| ApiError::from(e.under(&prefix)))
+            });
+        match result {
+            Ok(d) => {
+                slots.push(Ok(decided.len()));
+                decided.push(d);
             }
+            Err(e) => {
+                shared.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                slots.push(Err(e.body()));
+            }
+        }
+    }
+    let logged = shared.log_all(decided).await;
+    let responses: Vec<Value> = slots
+        .into_iter()
+        .map(|slot| match slot {
+            Ok(i) => logged.get(i).map(answer).unwrap_or(Value::Null),
+            Err(body) => body,
         })
         .collect();
     Ok(json!({ "responses": responses }))
 }
 
-fn authzen_single(o: &Outcome) -> Value {
+fn authzen_single(l: &Logged) -> Value {
     json!({
-        "decision": o.allow,
-        "context": {"decision_id": new_decision_id(), "reason": o.reasons},
+        "decision": l.outcome.allow,
+        "context": {"decision_id": l.decision_id, "reason": l.outcome.reasons},
     })
 }
 
-fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Value, ApiError> {
+async fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Value, ApiError> {
     let semantic = Semantic::parse(req.options.as_ref())?;
     let active = shared.active();
     let items = match req.evaluations {
@@ -399,51 +406,67 @@ fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Value, Ap
         None => {
             let eval = req.defaults.complete()?;
             let input = authzen::to_input(&shared.config.authzen, &active.bundle, eval)?;
-            let (outcome, _) = shared.decide(&active, input)?;
-            shared.count(outcome.allow);
-            return Ok(authzen_single(&outcome));
+            let logged = shared.decide_logged(&active, input).await?;
+            return Ok(authzen_single(&logged));
         }
         Some(items) => items,
     };
-    let max = shared.config.server.max_batch;
-    if items.len() > max {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "batch_too_large",
-            format!(
-                "{} evaluations in one request; the limit is {max}",
-                items.len()
-            ),
-        )
-        .at("evaluations"));
-    }
+    check_batch_size(shared, items.len(), "evaluations")?;
     let mut out = Vec::with_capacity(items.len());
+    // Short-circuit semantics need each answer before the next question;
+    // execute_all logs the whole batch in one group commit.
+    let mut decided = Vec::new();
+    let mut slots: Vec<Result<usize, Value>> = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         let prefix = format!("evaluations[{i}]");
         let result = item
             .over(&req.defaults)
             .complete()
             .and_then(|e| authzen::to_input(&shared.config.authzen, &active.bundle, e))
-            .and_then(|input| shared.decide(&active, input));
-        let allow = match result {
-            Ok((outcome, _)) => {
-                shared.count(outcome.allow);
-                out.push(json!({"decision": outcome.allow}));
-                outcome.allow
+            .and_then(|input| shared.decide_draft(&active, input));
+        match result {
+            Ok(d) if semantic == Semantic::ExecuteAll => {
+                slots.push(Ok(decided.len()));
+                decided.push(d);
+            }
+            Ok(d) => {
+                let allow = shared
+                    .log_all(vec![d])
+                    .await
+                    .first()
+                    .is_some_and(|l| l.outcome.allow);
+                out.push(json!({"decision": allow}));
+                if semantic.stops_after(allow) {
+                    break;
+                }
             }
             Err(e) => {
                 let e = e.under(&prefix);
                 shared.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
-                out.push(json!({
+                let failed = json!({
                     "decision": false,
                     "context": {"error": {"status": 400, "code": e.code, "message": e.message, "path": e.path}},
-                }));
-                false
+                });
+                if semantic == Semantic::ExecuteAll {
+                    slots.push(Err(failed));
+                } else {
+                    out.push(failed);
+                    if semantic.stops_after(false) {
+                        break;
+                    }
+                }
             }
-        };
-        if semantic.stops_after(allow) {
-            break;
         }
+    }
+    if semantic == Semantic::ExecuteAll {
+        let logged = shared.log_all(decided).await;
+        out = slots
+            .into_iter()
+            .map(|slot| match slot {
+                Ok(i) => json!({"decision": logged.get(i).is_some_and(|l| l.outcome.allow)}),
+                Err(v) => v,
+            })
+            .collect();
     }
     Ok(json!({ "evaluations": out }))
 }
@@ -522,6 +545,7 @@ fn status(shared: &Shared) -> Value {
             "last_error": reload.last_error.map(|ps| ps.iter().map(ToString::to_string).collect::<Vec<_>>()),
         },
         "cache": cache_status(shared),
+        "log": log_status(shared),
         "decisions": {
             "allow": shared.counters.allow.load(Ordering::Relaxed),
             "deny": shared.counters.deny.load(Ordering::Relaxed),
@@ -542,6 +566,80 @@ fn cache_status(shared: &Shared) -> Value {
         "l1": {"hits": s.l1_hits.load(Ordering::Relaxed), "evictions": s.l1_evictions.load(Ordering::Relaxed), "entries": n1, "bytes": b1},
         "l2": {"enabled": c.l2_enabled(), "hits": s.l2_hits.load(Ordering::Relaxed), "evictions": s.l2_evictions.load(Ordering::Relaxed), "entries": n2, "bytes": b2},
     })
+}
+
+fn log_status(shared: &Shared) -> Value {
+    let log = &shared.log;
+    let p = &log.outbox.position;
+    let (written, _) = p.head();
+    let acked = p.acked.load(Ordering::Relaxed);
+    let bytes = p.bytes.load(Ordering::Relaxed);
+    let max = shared.config.audit.max_outbox_bytes;
+    let s = &log.shipper;
+    json!({
+        "sidecar_id": log.sidecar_id,
+        "public_key": log.key.public().encode(),
+        "chain": p.chain,
+        "durability": shared.config.audit.durability,
+        "ledger": shared.config.audit.ledger,
+        "outbox": {
+            "next_seq": written,
+            "acknowledged": acked,
+            "pending": written.saturating_sub(acked),
+            "bytes": bytes,
+            "max_bytes": max,
+            "fill": if max == 0 { 0.0 } else { bytes as f64 / max as f64 },
+            "write_failures": p.write_failures.load(Ordering::Relaxed),
+            "full_refusals": p.full_refusals.load(Ordering::Relaxed),
+        },
+        "shipper": {
+            "batches": s.batches.load(Ordering::Relaxed),
+            "records": s.records.load(Ordering::Relaxed),
+            "heartbeats": s.heartbeats.load(Ordering::Relaxed),
+            "failures": s.failures.load(Ordering::Relaxed),
+            "last_error": s.last_error.lock().ok().and_then(|e| e.clone()),
+        },
+    })
+}
+
+fn log_metrics(shared: &Shared) -> String {
+    let p = &shared.log.outbox.position;
+    let (written, _) = p.head();
+    let acked = p.acked.load(Ordering::Relaxed);
+    let bytes = p.bytes.load(Ordering::Relaxed);
+    let max = shared.config.audit.max_outbox_bytes.max(1);
+    let s = &shared.log.shipper;
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    format!(
+        "# HELP vigie_outbox_records Decision records not yet acknowledged by the ledger.\n\
+         # TYPE vigie_outbox_records gauge\n\
+         vigie_outbox_records {}\n\
+         # HELP vigie_outbox_bytes Bytes held in the outbox.\n\
+         # TYPE vigie_outbox_bytes gauge\n\
+         vigie_outbox_bytes {}\n\
+         # HELP vigie_outbox_fill_ratio Outbox bytes over its configured maximum.\n\
+         # TYPE vigie_outbox_fill_ratio gauge\n\
+         vigie_outbox_fill_ratio {}\n\
+         # HELP vigie_outbox_write_failures_total Group writes that failed (their decisions were denied).\n\
+         # TYPE vigie_outbox_write_failures_total counter\n\
+         vigie_outbox_write_failures_total {}\n\
+         # HELP vigie_outbox_full_refusals_total Decisions denied because the outbox was full.\n\
+         # TYPE vigie_outbox_full_refusals_total counter\n\
+         vigie_outbox_full_refusals_total {}\n\
+         # HELP vigie_log_shipped_records_total Records acknowledged by the ledger.\n\
+         # TYPE vigie_log_shipped_records_total counter\n\
+         vigie_log_shipped_records_total {}\n\
+         # HELP vigie_log_shipping_failures_total Failed attempts to ship to the ledger.\n\
+         # TYPE vigie_log_shipping_failures_total counter\n\
+         vigie_log_shipping_failures_total {}\n",
+        written.saturating_sub(acked),
+        bytes,
+        bytes as f64 / max as f64,
+        l(&p.write_failures),
+        l(&p.full_refusals),
+        l(&s.records),
+        l(&s.failures),
+    )
 }
 
 fn cache_metrics(shared: &Shared) -> String {

@@ -12,9 +12,12 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
+use crate::audit::outbox::{self, Opened, Outbox};
+use crate::audit::{self, Draft};
 use crate::cache::{self, Cache};
 use crate::config::Config;
 use crate::engine::{Engine, Input, InputError, Outcome};
+use crate::note::KeyPair;
 use crate::policy::{self, Bundle, Problem, Problems};
 
 /// A bundle and the epoch it was activated in.
@@ -52,11 +55,50 @@ pub struct Counters {
     pub bad_requests: AtomicU64,
 }
 
+/// The decision log as the handlers see it.
+#[derive(Debug)]
+pub struct Log {
+    pub sidecar_id: String,
+    pub key: Arc<KeyPair>,
+    pub outbox: Outbox,
+    pub shipper: Arc<audit::shipper::Stats>,
+}
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the policy directory does not load:\n{0}")]
+    Policies(Problems),
+    #[error("{0}")]
+    Key(#[from] crate::note::NoteError),
+    #[error("the decision log cannot be opened: {0}")]
+    Outbox(#[from] outbox::AuditError),
+}
+
+/// What a logged decision resolves to.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub outcome: Outcome,
+    pub cached: bool,
+    pub decision_id: String,
+}
+
+/// The host name, the default sidecar id.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "vigie".into())
+}
+
 pub struct Shared {
     pub config: Config,
     pub policy_dir: PathBuf,
     pub engine: Engine,
     pub cache: Cache,
+    pub log: Log,
     active: ArcSwap<Active>,
     status: Mutex<ReloadStatus>,
     /// Serializes reloads (watcher and `POST /v1/reload`).
@@ -74,9 +116,45 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    /// Loads the policy directory; a directory that does not load is fatal here.
-    pub fn new(config: Config, policy_dir: PathBuf) -> Result<Arc<Self>, Problems> {
-        let bundle = policy::load(&policy_dir, config.policies.validation)?;
+    /// Loads the policy directory, the key and the outbox; any of them
+    /// failing is fatal here.
+    pub fn new(config: Config, policy_dir: PathBuf) -> Result<Arc<Self>, StartError> {
+        let bundle =
+            policy::load(&policy_dir, config.policies.validation).map_err(StartError::Policies)?;
+        let sidecar_id = config.audit.sidecar_id.clone().unwrap_or_else(host_name);
+        let key_path = config
+            .audit
+            .key
+            .clone()
+            .unwrap_or_else(|| config.data.dir.join("sidecar.key"));
+        let (key, created) = KeyPair::load_or_create(&key_path, &sidecar_id)?;
+        if created {
+            tracing::info!(path = %key_path.display(), public_key = %key.public().encode(), "sidecar key created; enroll it in the ledger");
+        }
+        let (outbox, opened) = outbox::open(
+            &config.data.dir.join("outbox"),
+            &config.data.dir.join("chains"),
+            &sidecar_id,
+            &config.audit,
+        )?;
+        match opened {
+            Opened::Started(reason) => {
+                tracing::info!(chain = %outbox.position.chain, reason, "decision log chain started")
+            }
+            Opened::Recovered { cut } => {
+                let (written, _) = outbox.position.head();
+                tracing::info!(chain = %outbox.position.chain, next_seq = written, torn_bytes_cut = cut, "decision log recovered");
+            }
+        }
+        if config.audit.ledger.is_none() {
+            tracing::warn!("no ledger configured (--ledger): decision records stay in the outbox, which fills up");
+        }
+        let log = Log {
+            sidecar_id,
+            key: Arc::new(key),
+            outbox,
+            shipper: Arc::new(audit::shipper::Stats::default()),
+        };
         for w in &bundle.warnings {
             tracing::warn!("{w}");
         }
@@ -86,6 +164,7 @@ impl Shared {
             policy_dir,
             engine: Engine::new(),
             cache,
+            log,
             active: ArcSwap::from_pointee(Active {
                 bundle,
                 epoch: 1,
@@ -180,6 +259,76 @@ impl Shared {
             },
         );
         Ok((outcome, false))
+    }
+
+    /// Decides (from the cache or the engine) and drafts the decision's
+    /// record. Nothing is answered before the record is logged: see
+    /// [`Shared::log_all`].
+    pub fn decide_draft(
+        &self,
+        active: &Active,
+        input: Input,
+    ) -> Result<(Outcome, bool, Draft), InputError> {
+        let principal = input.principal.to_string();
+        let action = input.action.to_string();
+        let resource = input.resource.to_string();
+        let context = input.context.clone();
+        let entities = input.entities.len();
+        let (outcome, cached) = self.decide(active, input)?;
+        let draft = Draft {
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            principal,
+            action,
+            resource,
+            context,
+            entities,
+            allow: outcome.allow,
+            reasons: outcome.reasons.clone(),
+            errors: outcome.errors.clone(),
+            epoch: active.epoch,
+            policy_hash: active.bundle.hash.clone(),
+            cached,
+        };
+        Ok((outcome, cached, draft))
+    }
+
+    /// Logs drafted decisions in one group commit and returns the answers:
+    /// a decision whose record could not be written becomes Deny with reason
+    /// `audit_unavailable` (fail closed).
+    pub async fn log_all(&self, decided: Vec<(Outcome, bool, Draft)>) -> Vec<Logged> {
+        let mut drafts = Vec::with_capacity(decided.len());
+        let mut rest = Vec::with_capacity(decided.len());
+        for (outcome, cached, draft) in decided {
+            rest.push((outcome, cached, draft.decision_id.clone()));
+            drafts.push(draft);
+        }
+        let written = self.log.outbox.append_many(drafts).await;
+        rest.into_iter()
+            .zip(written)
+            .map(|((outcome, cached, decision_id), w)| {
+                let outcome = match w {
+                    Ok(_) => outcome,
+                    Err(e) => Outcome {
+                        allow: false,
+                        reasons: vec!["audit_unavailable".into()],
+                        errors: vec![e.to_string()],
+                    },
+                };
+                self.count(outcome.allow);
+                Logged {
+                    outcome,
+                    cached,
+                    decision_id,
+                }
+            })
+            .collect()
+    }
+
+    /// One decision, logged.
+    pub async fn decide_logged(&self, active: &Active, input: Input) -> Result<Logged, InputError> {
+        let decided = self.decide_draft(active, input)?;
+        let mut out = self.log_all(vec![decided]).await;
+        Ok(out.remove(0))
     }
 
     pub fn count(&self, allow: bool) {

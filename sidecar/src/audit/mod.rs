@@ -1,0 +1,315 @@
+//! The decision log, sidecar side: every decision becomes a record, chained
+//! by hash, written durably to the outbox before the answer leaves, then
+//! shipped in signed batches to the ledger.
+//!
+//! # Record
+//!
+//! A record is canonical JSON (see [`crate::canon`]) and is kept, shipped and
+//! stored as those exact bytes; nothing re-encodes it before verifying:
+//!
+//! ```text
+//! {"cached":false,"chain":"<chain id>","decision":"Allow","decision_id":"<UUIDv7>",
+//!  "errors":[],"kind":"decision","plugins":[],"policy":{"epoch":1,"hash":"<hex>"},
+//!  "reasons":["staff-read-department"],"request":{"action":"...","context":{...},
+//!  "entities":0,"principal":"...","resource":"..."},"seq":17,"sidecar":"<id>",
+//!  "trace_id":null,"ts":"2026-11-28T08:00:00.123456789Z","v":1}
+//! ```
+//!
+//! The first record of every chain has `"kind":"chain_start"` and a `reason`:
+//! `new` (a new sidecar) or `outbox_lost` (the sidecar had a key but no
+//! outbox: whatever it held is gone, and the ledger flags the reset).
+//!
+//! # Hashes (RFC 6962 leaves, SHA-256 throughout)
+//!
+//! `leaf = SHA-256(0x00 || bytes)`,
+//! `chain_n = SHA-256("vigie-chain/v1\n" || chain_(n-1) || leaf_n)`, and
+//! `chain_(-1)` (before a chain's first record) is 32 zero bytes.
+
+pub mod outbox;
+pub mod shipper;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+pub type Hash = [u8; 32];
+
+/// The chain hash before a chain's first record.
+pub const GENESIS: Hash = [0; 32];
+
+pub fn leaf_hash(bytes: &[u8]) -> Hash {
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(bytes);
+    h.finalize().into()
+}
+
+pub fn chain_hash(prev: &Hash, leaf: &Hash) -> Hash {
+    let mut h = Sha256::new();
+    h.update(b"vigie-chain/v1\n");
+    h.update(prev);
+    h.update(leaf);
+    h.finalize().into()
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `power` (default: the outbox is fsync'd, by group commit, before the
+    /// answer) or `process` (written to the OS before the answer: survives a
+    /// crash of the sidecar, not a power loss).
+    pub durability: Durability,
+    /// Most bytes the outbox holds before it is full. Default 1 GiB.
+    pub max_outbox_bytes: u64,
+    /// When the outbox is full: `backpressure` (default: wait for the shipper,
+    /// up to `full_wait_ms`, then fail closed) or `fail_closed` (deny at once
+    /// with reason `audit_unavailable`).
+    pub when_full: WhenFull,
+    /// How long a decision waits for room in a full outbox. Default 5000.
+    pub full_wait_ms: u64,
+    /// Context paths replaced by `"<masked>"` in records, e.g.
+    /// `["context.device.token"]`. Default none.
+    pub mask: Vec<String>,
+    /// The ledger's base URL (`--ledger`), e.g. `http://127.0.0.1:8290`.
+    /// Default none: records stay in the outbox until one is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<String>,
+    /// This sidecar's id (`--sidecar-id`). Default: the host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sidecar_id: Option<String>,
+    /// The sidecar's private key. Default `<data-dir>/sidecar.key`, created
+    /// (mode 0600) on first start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<std::path::PathBuf>,
+    /// Most records in one shipped batch. Default 1000.
+    pub batch_max_records: usize,
+    /// Longest a record waits before its batch is sent, in ms. Default 200.
+    pub batch_max_delay_ms: u64,
+    /// A signed heartbeat is sent after this long without records, in ms. Default 10000.
+    pub heartbeat_ms: u64,
+    /// Longest pause between two attempts to reach the ledger, in ms. Default 30000.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Power,
+            max_outbox_bytes: 1 << 30,
+            when_full: WhenFull::Backpressure,
+            full_wait_ms: 5000,
+            mask: Vec::new(),
+            ledger: None,
+            sidecar_id: None,
+            key: None,
+            batch_max_records: 1000,
+            batch_max_delay_ms: 200,
+            heartbeat_ms: 10_000,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Power,
+    Process,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    Backpressure,
+    FailClosed,
+}
+
+/// What a request handler knows about a decision; the outbox adds the
+/// sidecar id, chain, sequence number and timestamp.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    pub decision_id: String,
+    pub principal: String,
+    pub action: String,
+    pub resource: String,
+    pub context: Value,
+    pub entities: usize,
+    pub allow: bool,
+    pub reasons: Vec<String>,
+    pub errors: Vec<String>,
+    pub epoch: u64,
+    pub policy_hash: String,
+    pub cached: bool,
+}
+
+/// The fields every record shares.
+pub struct Stamp<'a> {
+    pub sidecar: &'a str,
+    pub chain: &'a str,
+    pub seq: u64,
+    pub ts: &'a str,
+}
+
+impl Draft {
+    /// The record's canonical bytes.
+    pub fn encode(&self, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
+        let mut context = self.context.clone();
+        for path in mask {
+            mask_path(&mut context, path);
+        }
+        crate::canon::to_vec(&json!({
+            "v": 1,
+            "kind": "decision",
+            "sidecar": stamp.sidecar,
+            "chain": stamp.chain,
+            "seq": stamp.seq,
+            "ts": stamp.ts,
+            "decision_id": self.decision_id,
+            "request": {
+                "principal": self.principal,
+                "action": self.action,
+                "resource": self.resource,
+                "context": context,
+                "entities": self.entities,
+            },
+            "decision": if self.allow { "Allow" } else { "Deny" },
+            "reasons": self.reasons,
+            "errors": self.errors,
+            "plugins": [],
+            "policy": {"epoch": self.epoch, "hash": self.policy_hash},
+            "trace_id": null,
+            "cached": self.cached,
+        }))
+    }
+}
+
+/// The bytes of a chain's first record.
+pub fn chain_start(stamp: &Stamp<'_>, reason: &str) -> Vec<u8> {
+    crate::canon::to_vec(&json!({
+        "v": 1,
+        "kind": "chain_start",
+        "sidecar": stamp.sidecar,
+        "chain": stamp.chain,
+        "seq": stamp.seq,
+        "ts": stamp.ts,
+        "reason": reason,
+    }))
+}
+
+/// Replaces the value at `context.a.b` (the leading `context.` optional).
+fn mask_path(context: &mut Value, path: &str) {
+    let path = path.strip_prefix("context.").unwrap_or(path);
+    let mut parts = path.split('.').peekable();
+    let mut at = context;
+    while let Some(part) = parts.next() {
+        let Some(obj) = at.as_object_mut() else {
+            return;
+        };
+        if parts.peek().is_none() {
+            if let Some(v) = obj.get_mut(part) {
+                *v = Value::String("<masked>".into());
+            }
+            return;
+        }
+        match obj.get_mut(part) {
+            Some(next) => at = next,
+            None => return,
+        }
+    }
+}
+
+/// RFC 3339 UTC with nanoseconds: `2026-11-28T08:00:00.123456789Z`.
+pub fn rfc3339_nanos(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, day) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_rfc3339_with_nanoseconds() {
+        let t = UNIX_EPOCH + Duration::new(1_795_852_800, 5);
+        assert_eq!(rfc3339_nanos(t), "2026-11-28T08:00:00.000000005Z");
+        assert_eq!(
+            rfc3339_nanos(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000000000Z"
+        );
+    }
+
+    #[test]
+    fn chain_follows_the_documented_formula() {
+        let leaf = leaf_hash(b"{}");
+        let mut h = Sha256::new();
+        h.update([0u8]);
+        h.update(b"{}");
+        assert_eq!(leaf, <Hash>::from(h.finalize()));
+        let c = chain_hash(&GENESIS, &leaf);
+        let mut h = Sha256::new();
+        h.update(b"vigie-chain/v1\n");
+        h.update([0u8; 32]);
+        h.update(leaf);
+        assert_eq!(c, <Hash>::from(h.finalize()));
+    }
+
+    #[test]
+    fn masked_fields_never_reach_the_record() {
+        let d = Draft {
+            decision_id: "d".into(),
+            principal: "P".into(),
+            action: "A".into(),
+            resource: "R".into(),
+            context: json!({"device": {"token": "secret-token", "managed": true}, "ip": "10.0.0.1"}),
+            entities: 0,
+            allow: true,
+            reasons: vec!["p".into()],
+            errors: vec![],
+            epoch: 1,
+            policy_hash: "h".into(),
+            cached: false,
+        };
+        let stamp = Stamp {
+            sidecar: "s",
+            chain: "c",
+            seq: 3,
+            ts: "t",
+        };
+        let bytes = d.encode(&stamp, &["context.device.token".into()]);
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(!text.contains("secret-token"), "{text}");
+        assert!(text.contains("\"token\":\"<masked>\""), "{text}");
+        assert!(
+            text.starts_with("{\"cached\":false,\"chain\":\"c\""),
+            "{text}"
+        );
+    }
+}
