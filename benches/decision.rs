@@ -42,7 +42,9 @@ fn start_with(
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let data = tempfile::tempdir().unwrap();
     let off = vigie::cache::Config {
         enabled: false,
@@ -67,18 +69,25 @@ fn bench(c: &mut Criterion) {
         "resource": {"type": "Agency::Record", "id": "social-003"},
     })
     .to_string();
-    assert!(
-        String::from_utf8(rt.block_on(server::is_authorized(&shared, allow.as_bytes())).unwrap())
+    assert!(String::from_utf8(
+        rt.block_on(server::is_authorized(&shared, allow.as_bytes()))
             .unwrap()
-            .contains("Allow")
-    );
+    )
+    .unwrap()
+    .contains("Allow"));
 
     let mut g = c.benchmark_group("is_authorized");
     g.bench_function("allow_with_context", |b| {
-        b.iter(|| rt.block_on(server::is_authorized(&shared, black_box(allow.as_bytes()))).unwrap())
+        b.iter(|| {
+            rt.block_on(server::is_authorized(&shared, black_box(allow.as_bytes())))
+                .unwrap()
+        })
     });
     g.bench_function("deny_empty_context", |b| {
-        b.iter(|| rt.block_on(server::is_authorized(&shared, black_box(deny.as_bytes()))).unwrap())
+        b.iter(|| {
+            rt.block_on(server::is_authorized(&shared, black_box(deny.as_bytes())))
+                .unwrap()
+        })
     });
     g.finish();
 
@@ -100,14 +109,19 @@ fn bench(c: &mut Criterion) {
         ..Default::default()
     };
     let l1 = start(&data.path().join("l1"), hour.clone());
-    rt.block_on(server::is_authorized(&l1, allow.as_bytes())).unwrap();
-    assert!(
-        String::from_utf8(rt.block_on(server::is_authorized(&l1, allow.as_bytes())).unwrap())
+    rt.block_on(server::is_authorized(&l1, allow.as_bytes()))
+        .unwrap();
+    assert!(String::from_utf8(
+        rt.block_on(server::is_authorized(&l1, allow.as_bytes()))
             .unwrap()
-            .contains("\"cached\":true")
-    );
+    )
+    .unwrap()
+    .contains("\"cached\":true"));
     g.bench_function("l1_hit_is_authorized", |b| {
-        b.iter(|| rt.block_on(server::is_authorized(&l1, black_box(allow.as_bytes()))).unwrap())
+        b.iter(|| {
+            rt.block_on(server::is_authorized(&l1, black_box(allow.as_bytes())))
+                .unwrap()
+        })
     });
     let active = l1.active();
     let input = query.clone().into_input().unwrap();
@@ -125,7 +139,8 @@ fn bench(c: &mut Criterion) {
             ..hour
         },
     );
-    rt.block_on(server::is_authorized(&l2, allow.as_bytes())).unwrap();
+    rt.block_on(server::is_authorized(&l2, allow.as_bytes()))
+        .unwrap();
     let active2 = l2.active();
     g.bench_function("l2_hit_key_and_lookup", |b| {
         b.iter(|| {
@@ -134,13 +149,18 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("l2_hit_is_authorized", |b| {
-        b.iter(|| rt.block_on(server::is_authorized(&l2, black_box(allow.as_bytes()))).unwrap())
+        b.iter(|| {
+            rt.block_on(server::is_authorized(&l2, black_box(allow.as_bytes())))
+                .unwrap()
+        })
     });
     g.finish();
 }
 
 fn log(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let data = tempfile::tempdir().unwrap();
     let off = vigie::cache::Config {
         enabled: false,
@@ -157,13 +177,102 @@ fn log(c: &mut Criterion) {
             r#"{"principal":"Agency::User::\"alice\"","action":"Agency::Action::\"read\"","resource":"Agency::Record::\"social-001\"","context":{"ip":"10.1.2.3"}}"#,
         )
         .unwrap();
-        let decided = shared.decide_draft(&active, query.into_input().unwrap()).unwrap();
+        let decided = shared
+            .decide_draft(&active, query.into_input().unwrap())
+            .unwrap();
         g.bench_function(name, |b| {
             b.iter(|| rt.block_on(shared.log_all(vec![decided.clone()])))
         });
     }
+    // The alternative the outbox was measured against: sled, one insert and
+    // a flush (its fsync) per record, the same record bytes.
+    let db = sled::Config::new()
+        .path(data.path().join("sled-outbox"))
+        .cache_capacity(4 << 20)
+        .open()
+        .unwrap();
+    let tree = db.open_tree("outbox").unwrap();
+    let record = vec![b'x'; 520];
+    let mut seq = 0u64;
+    g.bench_function("sled_insert_flush", |b| {
+        b.iter(|| {
+            seq += 1;
+            tree.insert(seq.to_be_bytes(), record.as_slice()).unwrap();
+            db.flush().unwrap()
+        })
+    });
+    g.bench_function("sled_insert_no_flush", |b| {
+        b.iter(|| {
+            seq += 1;
+            tree.insert(seq.to_be_bytes(), record.as_slice()).unwrap()
+        })
+    });
     g.finish();
 }
 
-criterion_group!(benches, bench, log);
+/// Ledger ingestion with signature and chain verification: batches of 1,000
+/// decision records (about 500 bytes each), as a sidecar sends them.
+fn ledger(c: &mut Criterion) {
+    use base64::Engine as _;
+    use vigie::audit::{chain_hash, leaf_hash, GENESIS};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let data = tempfile::tempdir().unwrap();
+    let store = vigie::ledger::store::Store::open(
+        data.path(),
+        vigie::note::KeyPair::generate("bench-ledger").unwrap(),
+        "bench-ledger".into(),
+    )
+    .unwrap();
+    let sidecar = vigie::note::KeyPair::generate("s1").unwrap();
+    let public = sidecar.public();
+    let keys = move |_: &str| Some(public.clone());
+    let mut seq = 0u64;
+    let mut head = GENESIS;
+    let mut make_batch = |n: u64| {
+        let first = seq;
+        let prev = head;
+        let mut records = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let kind = if seq == 0 { "chain_start" } else { "decision" };
+            let bytes = vigie::canon::to_vec(&json!({
+                "v": 1, "kind": kind, "sidecar": "s1", "chain": "c", "seq": seq,
+                "ts": "2026-11-28T08:00:00.000000000Z", "decision_id": format!("0190-{seq:016}"),
+                "request": {"principal": "Agency::User::\"alice\"", "action": "Agency::Action::\"read\"",
+                            "resource": "Agency::Record::\"social-001\"", "context": {"ip": "10.1.2.3"}, "entities": 0},
+                "decision": "Allow", "reasons": ["staff-read-department"], "errors": [], "plugins": [],
+                "policy": {"epoch": 1, "hash": "a0c2e263c59bc4d45aad523a6ae129b49a3a2a499e93b3da3bdd8c8eea4efdbc"},
+                "trace_id": null, "cached": false
+            }));
+            head = chain_hash(&head, &leaf_hash(&bytes));
+            records.push(b64.encode(&bytes));
+            seq += 1;
+        }
+        let text = format!(
+            "vigie-batch/v1\nsidecar s1\nchain c\nfirst {first}\nlast {}\nprev {}\nhead {}\ntime 2026-11-28T08:00:00Z\n",
+            seq - 1,
+            b64.encode(prev),
+            b64.encode(head)
+        );
+        vigie::ledger::store::BatchBody {
+            note: sidecar.sign_note(&text),
+            records,
+        }
+    };
+    let mut g = c.benchmark_group("ledger");
+    g.throughput(criterion::Throughput::Elements(1000));
+    g.sample_size(20);
+    g.bench_function("ingest_1000_records", |b| {
+        b.iter_custom(|iters| {
+            let batches: Vec<_> = (0..iters).map(|_| make_batch(1000)).collect();
+            let start = std::time::Instant::now();
+            for batch in &batches {
+                store.ingest(batch, &keys).unwrap();
+            }
+            start.elapsed()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, log, ledger);
 criterion_main!(benches);

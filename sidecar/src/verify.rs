@@ -266,8 +266,11 @@ pub fn verify_export(text: &str, trust: &Trust) -> Result<Summary, String> {
                 ));
             }
             None if trust_full(&leaves, &records) => {
+                let missing = (first..=last_seq)
+                    .find(|s| !by_seq.contains_key(&(sidecar, chain_id, *s)))
+                    .unwrap_or(last_seq);
                 return Err(format!(
-                    "sidecar `{sidecar}` seq {last_seq}: signed in a batch but missing from the export (tail truncated?)"
+                    "sidecar `{sidecar}` seq {missing}: signed in a batch but missing from the export (tail truncated?)"
                 ));
             }
             _ => {}

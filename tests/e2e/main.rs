@@ -8,5 +8,6 @@ mod authzen;
 mod cache;
 mod cli;
 mod differential;
+mod log;
 mod reload;
 mod support;

@@ -105,6 +105,12 @@ impl Vigie {
         Self::start(&example_policies(), &[], &[])
     }
 
+    /// Stops the sidecar with SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the sidecar with SIGTERM (a graceful stop) and waits for it.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
@@ -178,6 +184,108 @@ impl Vigie {
             headers,
             text,
         }
+    }
+}
+
+/// A running `vigie ledger`, killed on drop.
+pub struct Ledger {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+/// A free loopback port (for a process that must come back on the same one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_logged(mut cmd: Command, marker: &'static str) -> (Child, SocketAddr, Arc<Mutex<String>>) {
+    cmd.env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VIGIE_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd.spawn().expect("start vigie");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let sink = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split(marker).nth(1) {
+                let _ = tx.send(rest.trim().to_owned());
+            }
+            let mut l = sink.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(a) => (child, a.parse().unwrap(), log),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("vigie did not start:\n{}", log.lock().unwrap());
+        }
+    }
+}
+
+impl Ledger {
+    pub fn start(data: &Path, listen: &str) -> Ledger {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["ledger", "--listen", listen, "--data-dir"])
+            .arg(data);
+        let (child, addr, log) = spawn_logged(cmd, "listening (ledger) addr=");
+        Ledger { child, addr, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The ledger's public key, as it logs it at start.
+    pub fn public_key(&self) -> String {
+        let log = self.log.lock().unwrap().clone();
+        log.split("public_key=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        let resp = match ureq::get(&format!("{}{path}", self.url())).call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("GET {path}: {e}"),
+        };
+        let status = resp.status();
+        Reply {
+            status,
+            headers: vec![],
+            text: resp.into_string().unwrap(),
+        }
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

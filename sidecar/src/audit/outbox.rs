@@ -31,9 +31,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use super::{
     chain_hash, leaf_hash, rfc3339_nanos, Config, Draft, Durability, Hash, Stamp, WhenFull, GENESIS,
@@ -93,15 +92,24 @@ impl Position {
     }
 }
 
-struct Job {
-    draft: Draft,
-    reply: tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
+/// Records below `upto` are on stable storage; the most recent fdatasync
+/// failure spoiled records `bad.0..bad.1`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Synced {
+    upto: u64,
+    bad: (u64, u64),
+}
+
+struct Inner {
+    writer: Mutex<Writer>,
+    synced: tokio::sync::watch::Sender<Synced>,
 }
 
 /// The handle request handlers append through.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Job>,
+    inner: Arc<Inner>,
+    config: Arc<Config>,
     pub position: Arc<Position>,
     pub dir: PathBuf,
 }
@@ -117,28 +125,92 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Appends a decision; resolves to its sequence number once durable.
     pub async fn append(&self, draft: Draft) -> Result<u64, AuditError> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Job { draft, reply })
-            .map_err(|_| AuditError::Stopped)?;
-        rx.await.map_err(|_| AuditError::Stopped)?
+        self.append_many(vec![draft]).await.remove(0)
     }
 
-    /// Appends decisions together (one group commit), in order.
+    /// Appends decisions together, in order. The write happens here, under
+    /// a lock (a `write` to the page cache: microseconds); in `power` mode
+    /// the answer then waits for the syncer thread's next fdatasync, which
+    /// covers every record written before it (group commit).
     pub async fn append_many(&self, drafts: Vec<Draft>) -> Vec<Result<u64, AuditError>> {
-        let mut waiting = Vec::with_capacity(drafts.len());
-        for draft in drafts {
-            let (reply, rx) = tokio::sync::oneshot::channel();
-            waiting.push(self.tx.send(Job { draft, reply }).map(|()| rx));
+        let n = drafts.len() as u64;
+        if n == 0 {
+            return Vec::new();
         }
-        let mut out = Vec::with_capacity(waiting.len());
-        for w in waiting {
-            out.push(match w {
-                Ok(rx) => rx.await.unwrap_or(Err(AuditError::Stopped)),
-                Err(_) => Err(AuditError::Stopped),
-            });
+        let config = &*self.config;
+        let deadline = std::time::Instant::now() + Duration::from_millis(config.full_wait_ms);
+        let written = loop {
+            let attempt = {
+                let mut w = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+                w.append(&drafts)
+            };
+            match attempt {
+                Err(AuditError::Full(_))
+                    if config.when_full == WhenFull::Backpressure
+                        && std::time::Instant::now() < deadline =>
+                {
+                    // Back-pressure: wait for the shipper to make room.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => break other,
+            }
+        };
+        let first = match written {
+            Ok(first) => first,
+            Err(e) => {
+                match &e {
+                    AuditError::Full(_) => {
+                        self.position.full_refusals.fetch_add(n, Ordering::Relaxed)
+                    }
+                    _ => self.position.write_failures.fetch_add(1, Ordering::Relaxed),
+                };
+                tracing::error!(error = %e, records = n, "decision records not written; those decisions are denied");
+                return (0..n).map(|_| Err(e.clone())).collect();
+            }
+        };
+        if config.durability == Durability::Power {
+            let end = first + n;
+            let mut rx = self.inner.synced.subscribe();
+            self.position.notify();
+            let state = match rx.wait_for(|s| s.upto >= end).await {
+                Ok(s) => *s,
+                Err(_) => return (0..n).map(|_| Err(AuditError::Stopped)).collect(),
+            };
+            if state.bad.0 < end && first < state.bad.1 {
+                let e = AuditError::Io("fdatasync failed".into());
+                return (0..n).map(|_| Err(e.clone())).collect();
+            }
         }
-        out
+        (first..first + n).map(Ok).collect()
+    }
+}
+
+/// The syncer (power mode): fdatasync whenever records were written since
+/// the last one, then tell the waiters. Runs on its own thread.
+fn sync_loop(inner: Arc<Inner>, position: Arc<Position>) {
+    loop {
+        let (written, file) = {
+            let w = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            (w.next, w.file.try_clone())
+        };
+        let synced = inner.synced.borrow().upto;
+        if written <= synced {
+            position.wait(Duration::from_millis(50));
+            continue;
+        }
+        match file.and_then(|f| f.sync_data()) {
+            Ok(()) => {
+                inner.synced.send_modify(|s| s.upto = written);
+            }
+            Err(e) => {
+                position.write_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "fdatasync of the outbox failed; the decisions waiting for it are denied");
+                inner.synced.send_modify(|s| {
+                    s.bad = (s.upto, written);
+                    s.upto = written;
+                });
+            }
+        }
     }
 }
 
@@ -281,14 +353,28 @@ pub fn open(
         (w, Opened::Started(reason))
     };
     let position = Arc::clone(&writer.position);
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("vigie-outbox".into())
-        .spawn(move || writer.run(rx))
-        .map_err(io)?;
+    let durable = writer.next;
+    let power = writer.config.durability == Durability::Power;
+    let config = Arc::new(writer.config.clone());
+    let (synced, _) = tokio::sync::watch::channel(Synced {
+        upto: durable,
+        bad: (0, 0),
+    });
+    let inner = Arc::new(Inner {
+        writer: Mutex::new(writer),
+        synced,
+    });
+    if power {
+        let (i, p) = (Arc::clone(&inner), Arc::clone(&position));
+        std::thread::Builder::new()
+            .name("vigie-outbox-sync".into())
+            .spawn(move || sync_loop(i, p))
+            .map_err(io)?;
+    }
     Ok((
         Outbox {
-            tx,
+            inner,
+            config,
             position,
             dir: dir.to_path_buf(),
         },
@@ -350,6 +436,7 @@ fn start_chain(
         reason,
     );
     w.write_batch(&[bytes])?;
+    w.file.sync_data().map_err(io)?;
     if reason == "outbox_lost" {
         tracing::warn!(chain = %chain, "new chain started after the outbox was lost; the ledger will flag the reset");
     }
@@ -443,60 +530,33 @@ fn recover(
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
-            let mut jobs = vec![first];
-            while jobs.len() < 4096 {
-                match rx.try_recv() {
-                    Ok(j) => jobs.push(j),
-                    Err(_) => break,
-                }
-            }
-            let ts = rfc3339_nanos(SystemTime::now());
-            let chain = self.position.chain.clone();
-            let payloads: Vec<Vec<u8>> = jobs
-                .iter()
-                .enumerate()
-                .map(|(i, j)| {
-                    j.draft.encode(
-                        &Stamp {
-                            sidecar: &self.sidecar,
-                            chain: &chain,
-                            seq: self.next + i as u64,
-                            ts: &ts,
-                        },
-                        &self.config.mask,
-                    )
-                })
-                .collect();
-            let size: u64 = payloads
-                .iter()
-                .map(|p| (p.len() + FRAME_HEADER) as u64)
-                .sum();
-            let result = self
-                .wait_for_room(size)
-                .and_then(|()| self.write_batch(&payloads));
-            match result {
-                Ok(first_seq) => {
-                    for (i, job) in jobs.into_iter().enumerate() {
-                        let _ = job.reply.send(Ok(first_seq + i as u64));
-                    }
-                }
-                Err(e) => {
-                    match &e {
-                        AuditError::Full(_) => self
-                            .position
-                            .full_refusals
-                            .fetch_add(jobs.len() as u64, Ordering::Relaxed),
-                        _ => self.position.write_failures.fetch_add(1, Ordering::Relaxed),
-                    };
-                    tracing::error!(error = %e, records = jobs.len(), "decision records not written; those decisions are denied");
-                    for job in jobs {
-                        let _ = job.reply.send(Err(e.clone()));
-                    }
-                }
-            }
+    /// Encodes and writes drafts as one group; returns the first seq.
+    fn append(&mut self, drafts: &[Draft]) -> Result<u64, AuditError> {
+        let ts = rfc3339_nanos(SystemTime::now());
+        let chain = self.position.chain.clone();
+        let payloads: Vec<Vec<u8>> = drafts
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                d.encode(
+                    &Stamp {
+                        sidecar: &self.sidecar,
+                        chain: &chain,
+                        seq: self.next + i as u64,
+                        ts: &ts,
+                    },
+                    &self.config.mask,
+                )
+            })
+            .collect();
+        let size: u64 = payloads
+            .iter()
+            .map(|p| (p.len() + FRAME_HEADER) as u64)
+            .sum();
+        if self.unacked_bytes() + size > self.config.max_outbox_bytes {
+            return Err(AuditError::Full(self.unacked_bytes()));
         }
+        self.write_batch(&payloads)
     }
 
     /// Bytes held that the ledger has not acknowledged, as far as we know.
@@ -504,29 +564,12 @@ impl Writer {
         self.position.bytes.load(Ordering::Relaxed)
     }
 
-    fn wait_for_room(&self, size: u64) -> Result<(), AuditError> {
-        let max = self.config.max_outbox_bytes;
-        if self.unacked_bytes() + size <= max {
-            return Ok(());
-        }
-        if self.config.when_full == WhenFull::FailClosed {
-            return Err(AuditError::Full(self.unacked_bytes()));
-        }
-        let deadline = Instant::now() + Duration::from_millis(self.config.full_wait_ms);
-        while self.unacked_bytes() + size > max {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(AuditError::Full(self.unacked_bytes()));
-            }
-            self.position.wait(deadline - now);
-        }
-        Ok(())
-    }
-
     /// Writes records as one group; returns the first sequence number. On
     /// failure nothing is kept: the file is cut back and no number is used.
     fn write_batch(&mut self, payloads: &[Vec<u8>]) -> Result<u64, AuditError> {
         if self.file_len > SEGMENT_BYTES {
+            // A closed segment is made durable before the next one starts.
+            self.file.sync_data().map_err(io)?;
             self.file = new_segment(&self.dir, self.next, &self.head)?;
             self.file_len = SEGMENT_HEADER;
             self.position
@@ -546,14 +589,7 @@ impl Writer {
             head = chain_hash(&head, &leaf_hash(p));
             encode_frame(first + i as u64, &head, p, &mut buf);
         }
-        let written = self
-            .file
-            .write_all(&buf)
-            .and_then(|()| match self.config.durability {
-                Durability::Power => self.file.sync_data(),
-                Durability::Process => Ok(()),
-            });
-        if let Err(e) = written {
+        if let Err(e) = self.file.write_all(&buf) {
             // Cut back whatever part of the group reached the file.
             let _ = self.file.set_len(self.file_len);
             let _ = self.file.seek(SeekFrom::Start(self.file_len));
