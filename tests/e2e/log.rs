@@ -556,3 +556,75 @@ fn the_ledger_refuses_bad_batches_with_a_reason() {
     let (code, body) = post(&ledger, &f.batch(3, 5));
     assert_eq!((code, body["next"].clone()), (200, json!(6)), "{body}");
 }
+
+#[test]
+fn an_outbox_that_cannot_take_the_record_fails_closed() {
+    let v = Vigie::start(
+        &example_policies(),
+        &[],
+        &[
+            ("VIGIE_AUDIT_MAX_OUTBOX_BYTES", "3000"),
+            ("VIGIE_AUDIT_WHEN_FULL", "fail_closed"),
+            ("VIGIE_CACHE_ENABLED", "false"),
+        ],
+    );
+    let mut reasons = Vec::new();
+    for i in 0..12 {
+        let r = v.post("/v1/is_authorized", &request(i * 4)).json();
+        reasons.push((
+            r["decision"].as_str().unwrap().to_owned(),
+            r["diagnostics"]["reason"][0]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        ));
+    }
+    assert_eq!(reasons[0].0, "Allow", "{reasons:?}");
+    let last = reasons.last().unwrap();
+    assert_eq!(
+        last,
+        &("Deny".to_owned(), "audit_unavailable".to_owned()),
+        "{reasons:?}"
+    );
+    let status = v.get("/v1/status").json();
+    assert!(
+        status["log"]["outbox"]["full_refusals"].as_u64() > Some(0),
+        "{status}"
+    );
+    assert!(v
+        .get("/metrics")
+        .text
+        .contains("vigie_outbox_full_refusals_total"));
+}
+
+#[test]
+fn a_lost_outbox_starts_a_new_chain_that_the_ledger_flags() {
+    let (side, led) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    enroll(side.path(), led.path(), "s1");
+    let ledger = Ledger::start(led.path(), "127.0.0.1:0");
+    let v = sidecar(side.path(), &ledger.url(), "s1");
+    for i in 0..3 {
+        v.post("/v1/is_authorized", &request(i));
+    }
+    assert!(eventually(20, || drained(&v)));
+    let first_chain = v.get("/v1/status").json()["log"]["chain"].clone();
+    assert!(v.terminate().success());
+    std::fs::remove_dir_all(side.path().join("outbox")).unwrap();
+
+    let v = sidecar(side.path(), &ledger.url(), "s1");
+    assert_ne!(v.get("/v1/status").json()["log"]["chain"], first_chain);
+    v.post("/v1/is_authorized", &request(7));
+    assert!(eventually(20, || drained(&v)));
+    let events = ledger.get("/v1/events").json();
+    let reset = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "chain_reset")
+        .cloned();
+    let reset = reset.unwrap_or_else(|| panic!("no chain_reset event: {events}"));
+    assert_eq!(reset["detail"]["old_chain"], first_chain);
+    assert_eq!(reset["detail"]["reason"], "outbox_lost");
+    let (ok, out) = verify_ledger(&ledger, led.path());
+    assert!(ok, "{out}");
+}
