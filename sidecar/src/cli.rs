@@ -106,6 +106,10 @@ pub struct VerifyArgs {
     /// Trusted sidecar keys: a TOML file of `[[sidecars]] id, public_key`.
     #[arg(long, value_name = "FILE")]
     pub sidecars: Option<PathBuf>,
+    /// An earlier checkpoint you kept (`GET /v1/checkpoint`): the ledger must
+    /// extend it. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: Vec<PathBuf>,
     /// Check only this decision's inclusion proof (with --ledger).
     #[arg(long, value_name = "ID", requires = "ledger")]
     pub decision: Option<String>,
@@ -211,6 +215,12 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
                 .sidecars
                 .insert(s.id.clone(), crate::note::PublicKey::decode(&s.public_key)?);
         }
+    }
+    for path in &args.checkpoint {
+        trust.earlier.push(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read `{}`", path.display()))?,
+        );
     }
     let agent = ureq::AgentBuilder::new()
         .timeout(std::time::Duration::from_secs(300))

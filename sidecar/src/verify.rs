@@ -23,6 +23,8 @@ use crate::note::{self, PublicKey};
 pub struct Trust {
     pub ledger: Option<PublicKey>,
     pub sidecars: HashMap<String, PublicKey>,
+    /// Checkpoints the auditor kept from earlier: the tree must extend each.
+    pub earlier: Vec<String>,
 }
 
 /// What a successful verification covered.
@@ -223,7 +225,44 @@ pub fn verify_export(text: &str, trust: &Trust) -> Result<Summary, String> {
         .collect::<std::collections::HashSet<_>>()
         .len();
 
-    // 2. Batch notes: signed by the sidecar, and matching the records.
+    // 2. The Merkle tree against the ledger's signed checkpoint.
+    let cp = checkpoint.ok_or("the export has no checkpoint")?;
+    let ledger_key =
+        ledger_key.ok_or("no ledger key to verify the checkpoint (pass --ledger-key)")?;
+    let cp_text = ledger_key
+        .open(&cp)
+        .map_err(|e| format!("checkpoint: {e}"))?;
+    let (_, size, root) = note::parse_checkpoint(cp_text).map_err(|e| e.to_string())?;
+    if (leaves.len() as u64) < size {
+        return Err(format!(
+            "record {}: missing; the signed checkpoint covers {size} records but the export has {} (tail truncated)",
+            leaves.len(),
+            leaves.len()
+        ));
+    }
+    let ordered: Vec<Hash> = leaves.values().take(size as usize).copied().collect();
+    if merkle::root(&ordered) != root {
+        return Err("the records do not hash to the signed checkpoint's root".into());
+    }
+    // Consistency: an earlier checkpoint's tree must be a prefix of this one.
+    for old in &trust.earlier {
+        let old_text = ledger_key
+            .open(old)
+            .map_err(|e| format!("earlier checkpoint: {e}"))?;
+        let (_, old_size, old_root) =
+            note::parse_checkpoint(old_text).map_err(|e| e.to_string())?;
+        if old_size > size {
+            return Err(format!(
+                "record {size}: missing; an earlier signed checkpoint covered {old_size} records, this one only {size} (truncated)"
+            ));
+        }
+        if merkle::root(&ordered[..old_size as usize]) != old_root {
+            return Err(format!(
+                "the first {old_size} records differ from those of the earlier signed checkpoint: the history was rewritten"
+            ));
+        }
+    }
+    // 3. Batch notes: signed by the sidecar, and matching the records.
     let by_seq: HashMap<(&str, &str, u64), &Rec> = records
         .iter()
         .map(|r| ((r.sidecar.as_str(), r.chain_id.as_str(), r.seq), r))
@@ -288,7 +327,7 @@ pub fn verify_export(text: &str, trust: &Trust) -> Result<Summary, String> {
         }
     }
 
-    // 3. Heartbeats: what each sidecar last said it had sent.
+    // 4. Heartbeats: what each sidecar last said it had sent.
     for hb in &heartbeats {
         let sidecar = hb["sidecar"].as_str().unwrap_or("");
         let Some(key) = sidecar_key(sidecar) else {
@@ -317,25 +356,6 @@ pub fn verify_export(text: &str, trust: &Trust) -> Result<Summary, String> {
         summary.heartbeats += 1;
     }
 
-    // 4. The Merkle tree against the ledger's signed checkpoint.
-    let cp = checkpoint.ok_or("the export has no checkpoint")?;
-    let ledger_key =
-        ledger_key.ok_or("no ledger key to verify the checkpoint (pass --ledger-key)")?;
-    let cp_text = ledger_key
-        .open(&cp)
-        .map_err(|e| format!("checkpoint: {e}"))?;
-    let (_, size, root) = note::parse_checkpoint(cp_text).map_err(|e| e.to_string())?;
-    if (leaves.len() as u64) < size {
-        return Err(format!(
-            "record {}: missing; the signed checkpoint covers {size} records but the export has {} (tail truncated)",
-            leaves.len(),
-            leaves.len()
-        ));
-    }
-    let ordered: Vec<Hash> = leaves.values().take(size as usize).copied().collect();
-    if merkle::root(&ordered) != root {
-        return Err("the records do not hash to the signed checkpoint's root".into());
-    }
     summary.tree_size = size;
     Ok(summary)
 }

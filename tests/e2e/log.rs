@@ -175,6 +175,100 @@ fn decisions_reach_the_ledger_queryable_and_verifiable() {
     let (ok, out) = verify_ledger(&ledger, led.path());
     assert!(ok, "{out}");
     assert!(out.contains("ok: 13 records from 1 sidecars"), "{out}");
+
+    // An auditor keeps this checkpoint; the ledger must only ever extend it.
+    let kept = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(kept.path(), ledger.get("/v1/checkpoint").text).unwrap();
+    for i in 12..15 {
+        v.post("/v1/is_authorized", &request(i));
+    }
+    assert!(eventually(20, || drained(&v)));
+    let sidecars = led.path().join("sidecars.toml");
+    let args = |export: &str| {
+        vec![
+            "--ledger-key".to_owned(),
+            ledger.public_key(),
+            "--sidecars".into(),
+            sidecars.to_str().unwrap().into(),
+            "--checkpoint".into(),
+            kept.path().to_str().unwrap().into(),
+            "--export".into(),
+            export.into(),
+        ]
+    };
+    let export = ledger.get("/v1/export?format=ndjson").text;
+    let whole = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(whole.path(), &export).unwrap();
+    let a = args(whole.path().to_str().unwrap());
+    let (ok, out) = verify(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{out}");
+
+    // A ledger that drops its tail and signs a new, smaller checkpoint is
+    // caught by the one the auditor kept.
+    let ledger_key = vigie::note::KeyPair::decode(
+        &std::fs::read_to_string(led.path().join("ledger.key")).unwrap(),
+        "k",
+    )
+    .unwrap();
+    let mut leaves = Vec::new();
+    let mut lines = Vec::new();
+    for l in export.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        match v["type"].as_str() {
+            Some("record") if v["index"].as_u64() < Some(10) => {
+                leaves.push(vigie::audit::leaf_hash(
+                    &B64.decode(v["bytes"].as_str().unwrap()).unwrap(),
+                ));
+                lines.push(l.to_owned());
+            }
+            Some("record") | Some("batch") | Some("heartbeat") | Some("checkpoint") => {}
+            _ => lines.push(l.to_owned()),
+        }
+    }
+    let origin = ledger_key.public().name.clone();
+    let forged = ledger_key.sign_note(&vigie::note::checkpoint_text(
+        &origin,
+        10,
+        &vigie::ledger::merkle::root(&leaves),
+    ));
+    lines.push(json!({"type": "checkpoint", "note": forged}).to_string());
+    let cut = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cut.path(), lines.join("\n") + "\n").unwrap();
+    let a = args(cut.path().to_str().unwrap());
+    let (ok, out) = verify(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("record 10: missing; an earlier signed checkpoint covered 13"),
+        "{out}"
+    );
+}
+
+#[test]
+fn an_idle_sidecar_signs_heartbeats() {
+    let (side, led) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    enroll(side.path(), led.path(), "s1");
+    let ledger = Ledger::start(led.path(), "127.0.0.1:0");
+    let v = Vigie::start_in(
+        &example_policies(),
+        side.path(),
+        &["--ledger", &ledger.url(), "--sidecar-id", "s1"],
+        &[
+            ("VIGIE_AUDIT_HEARTBEAT_MS", "200"),
+            ("VIGIE_AUDIT_BATCH_MAX_DELAY_MS", "20"),
+        ],
+    );
+    v.post("/v1/is_authorized", &request(1));
+    assert!(eventually(20, || v.get("/v1/status").json()["log"]
+        ["shipper"]["heartbeats"]
+        .as_u64()
+        >= Some(2)));
+    let export = ledger.get("/v1/export?format=ndjson").text;
+    assert!(
+        export.lines().any(|l| l.contains("\"type\":\"heartbeat\"")),
+        "{export}"
+    );
+    let (ok, out) = verify_ledger(&ledger, led.path());
+    assert!(ok && out.contains("1 heartbeats"), "{out}");
 }
 
 /// Drives requests until told to stop or the sidecar goes away; returns the
