@@ -85,6 +85,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     // Bind every listener before announcing any, so that whoever waits for
     // the announcement finds them all accepting.
+    let ext_authz = if shared.config.ext_authz.enabled {
+        crate::extauthz::check_config(&shared.config.ext_authz, &shared)
+            .map_err(|e| anyhow::anyhow!("bad ext_authz mapping:\n{e}"))?;
+        let addr = shared.config.ext_authz.listen;
+        Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (ext_authz)"))?,
+        )
+    } else {
+        None
+    };
     let listen = shared.config.server.listen;
     let tcp = TcpListener::bind(listen)
         .await
@@ -107,6 +119,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some((uds, path)) = uds {
         tracing::info!(path = %path.display(), "listening (HTTP over Unix socket)");
         tokio::spawn(accept_unix(uds, Arc::clone(&shared)));
+    }
+    if let Some(l) = ext_authz {
+        tracing::info!(addr = %l.local_addr()?, "listening (ext_authz gRPC)");
+        let s = Arc::clone(&shared);
+        tokio::spawn(async move {
+            if let Err(e) = crate::extauthz::serve(s, l).await {
+                tracing::error!(error = %e, "the ext_authz server stopped");
+            }
+        });
     }
     tracing::info!(addr = %tcp.local_addr()?, "listening (HTTP)");
     tokio::spawn(accept_tcp(tcp, Arc::clone(&shared)));

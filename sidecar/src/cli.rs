@@ -141,6 +141,9 @@ pub struct ServeArgs {
     /// `power` or `process` ([audit] durability).
     #[arg(long, value_name = "MODE")]
     pub durability: Option<String>,
+    /// Serve Envoy ext_authz (gRPC) on this address ([ext_authz] listen; turns it on).
+    #[arg(long, value_name = "ADDR")]
+    pub ext_authz_listen: Option<String>,
 }
 
 impl ServeArgs {
@@ -164,6 +167,14 @@ impl ServeArgs {
         push("audit", "ledger", self.ledger.clone());
         push("audit", "sidecar_id", self.sidecar_id.clone());
         push("audit", "durability", self.durability.clone());
+        if let Some(addr) = &self.ext_authz_listen {
+            push("ext_authz", "listen", Some(addr.clone()));
+            flags.push(Flag {
+                section: "ext_authz",
+                key: "enabled",
+                value: toml::Value::Boolean(true),
+            });
+        }
         flags
     }
 }

@@ -23,6 +23,7 @@ pub struct Config {
     pub authzen: Authzen,
     pub cache: crate::cache::Config,
     pub audit: crate::audit::Config,
+    pub ext_authz: crate::extauthz::Config,
     pub log: Log,
 }
 
@@ -325,6 +326,16 @@ fn default_keys(section: &str) -> &'static [&'static str] {
             "batch_max_delay_ms",
             "heartbeat_ms",
             "max_backoff_ms",
+        ],
+        "ext_authz" => &[
+            "enabled",
+            "listen",
+            "identity",
+            "routes",
+            "context",
+            "denied_status",
+            "denied_body",
+            "headers",
         ],
         "cache" => &[
             "enabled",

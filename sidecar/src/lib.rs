@@ -9,6 +9,7 @@ pub mod canon;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod extauthz;
 pub mod ledger;
 pub mod note;
 pub mod policy;

@@ -8,6 +8,7 @@ mod authzen;
 mod cache;
 mod cli;
 mod differential;
+mod extauthz;
 mod log;
 mod reload;
 mod support;
