@@ -178,7 +178,11 @@ fn log(c: &mut Criterion) {
         )
         .unwrap();
         let decided = shared
-            .decide_draft(&active, query.into_input().unwrap())
+            .decide_draft(
+                &active,
+                query.into_input().unwrap(),
+                &opentelemetry::Context::new(),
+            )
             .unwrap();
         g.bench_function(name, |b| {
             b.iter(|| rt.block_on(shared.log_all(vec![decided.clone()])))

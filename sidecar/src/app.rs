@@ -32,6 +32,7 @@ pub fn policy_dir(config: &Config) -> PathBuf {
 /// Runs the sidecar until the process is stopped (SIGINT or SIGTERM).
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let dir = policy_dir(&config);
+    let _telemetry = crate::telemetry::init(&config.telemetry)?;
     let shared = Shared::new(config, dir.clone()).map_err(|e| match e {
         StartError::Policies(problems) => anyhow::anyhow!(
             "the policy directory `{}` does not load:\n{problems}",

@@ -24,6 +24,7 @@ pub struct Config {
     pub cache: crate::cache::Config,
     pub audit: crate::audit::Config,
     pub ext_authz: crate::extauthz::Config,
+    pub telemetry: crate::telemetry::Config,
     pub log: Log,
 }
 
@@ -336,6 +337,14 @@ fn default_keys(section: &str) -> &'static [&'static str] {
             "denied_status",
             "denied_body",
             "headers",
+        ],
+        "telemetry" => &[
+            "enabled",
+            "endpoint",
+            "protocol",
+            "headers",
+            "sample_ratio",
+            "service_name",
         ],
         "cache" => &[
             "enabled",

@@ -374,6 +374,7 @@ fn map(
             epoch: 0,
             policy_hash: String::new(),
             cached: false,
+            trace_id: None,
         };
         Ok(Err((u, draft)))
     };
@@ -549,12 +550,14 @@ impl Authorization for Service {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let started = std::time::Instant::now();
+        let parent = crate::telemetry::from_metadata(request.metadata());
         let req = request.into_inner();
         let active = self.shared.active();
         let ns = active.bundle.namespace.clone();
         let mapped = map(&self.shared.config.ext_authz, ns.as_deref(), &req)?;
         let (logged, reason) = match mapped {
-            Ok(m) => match self.shared.decide_draft(&active, m.input) {
+            Ok(m) => match self.shared.decide_draft(&active, m.input, &parent) {
                 Ok(decided) => {
                     let logged = self.shared.log_all(vec![decided]).await.remove(0);
                     let reason = logged.outcome.reasons.join(",");
@@ -575,6 +578,7 @@ impl Authorization for Service {
                         epoch: active.epoch,
                         policy_hash: active.bundle.hash.clone(),
                         cached: false,
+                        trace_id: crate::telemetry::trace_id(&parent),
                     };
                     let outcome = Outcome {
                         allow: false,
@@ -590,6 +594,7 @@ impl Authorization for Service {
                 }
             },
             Err((u, mut draft)) => {
+                draft.trace_id = crate::telemetry::trace_id(&parent);
                 draft.epoch = active.epoch;
                 draft.policy_hash = active.bundle.hash.clone();
                 let outcome = Outcome {
@@ -605,6 +610,9 @@ impl Authorization for Service {
                 (logged, format!("ext_authz_{}", u.code))
             }
         };
+        let metrics = &self.shared.metrics;
+        metrics.decision(crate::metrics::Endpoint::ExtAuthz, logged.outcome.allow);
+        metrics.observe(crate::metrics::Endpoint::ExtAuthz, started.elapsed());
         Ok(tonic::Response::new(self.answer(
             logged.outcome.allow,
             &logged.decision_id,

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use crate::authzen::{self, Semantic};
 use crate::engine::{InputError, Query};
+use crate::metrics::Endpoint;
 use crate::state::{Logged, Reloaded, Shared};
 
 pub type Body = Full<Bytes>;
@@ -92,8 +93,24 @@ pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    use tracing::Instrument as _;
     let request_id = req.headers().get("x-request-id").cloned();
-    let mut resp = match route(&shared, req).await {
+    let endpoint = match req.uri().path() {
+        "/v1/is_authorized" => Some(Endpoint::IsAuthorized),
+        "/v1/is_authorized/batch" => Some(Endpoint::Batch),
+        "/access/v1/evaluation" => Some(Endpoint::AuthzenEvaluation),
+        "/access/v1/evaluations" => Some(Endpoint::AuthzenEvaluations),
+        _ => None,
+    };
+    let started = std::time::Instant::now();
+    // Log lines written while answering carry the caller's trace id.
+    let trace_id = crate::telemetry::trace_id(&crate::telemetry::from_headers(req.headers()));
+    let span = tracing::info_span!("request", trace_id = trace_id.as_deref().unwrap_or("-"));
+    let routed = route(&shared, req).instrument(span).await;
+    if let Some(e) = endpoint {
+        shared.metrics.observe(e, started.elapsed());
+    }
+    let mut resp = match routed {
         Ok(resp) => resp,
         Err(e) => {
             if e.status == StatusCode::BAD_REQUEST {
@@ -110,6 +127,8 @@ pub async fn handle(
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_owned();
+    // The caller's trace context (W3C traceparent/tracestate).
+    let parent = crate::telemetry::from_headers(req.headers());
     let method = req.method().clone();
     let allowed = match path.as_str() {
         "/v1/is_authorized"
@@ -154,7 +173,10 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         "/metrics" => Ok(text_response(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics(shared) + &cache_metrics(shared) + &log_metrics(shared),
+            metrics(shared)
+                + &shared.metrics.render()
+                + &cache_metrics(shared)
+                + &log_metrics(shared),
         )),
         "/.well-known/authzen-configuration" => {
             let host = req
@@ -175,12 +197,12 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         "/v1/reload" => reload(shared).await,
         "/v1/is_authorized" => {
             let query: Query = read_json(shared, req).await?;
-            let answer = decide(shared, query).await?;
+            let answer = decide(shared, query, &parent).await?;
             Ok(json_response(StatusCode::OK, &answer))
         }
         "/v1/is_authorized/batch" => {
             let batch: Value = read_json(shared, req).await?;
-            batch_decide(shared, batch)
+            batch_decide(shared, batch, &parent)
                 .await
                 .map(|v| json_response(StatusCode::OK, &v))
         }
@@ -188,12 +210,15 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             let eval: authzen::Evaluation = read_json(shared, req).await?;
             let active = shared.active();
             let input = authzen::to_input(&shared.config.authzen, &active.bundle, eval)?;
-            let logged = shared.decide_logged(&active, input).await?;
+            let logged = shared.decide_logged(&active, input, &parent).await?;
+            shared
+                .metrics
+                .decision(Endpoint::AuthzenEvaluation, logged.outcome.allow);
             Ok(json_response(StatusCode::OK, &authzen_single(&logged)))
         }
         "/access/v1/evaluations" => {
             let evals: authzen::Evaluations = read_json(shared, req).await?;
-            authzen_batch(shared, evals)
+            authzen_batch(shared, evals, &parent)
                 .await
                 .map(|v| json_response(StatusCode::OK, &v))
         }
@@ -276,14 +301,21 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// read: parse, validate, authorize, log, serialize. (Used by the benchmarks.)
 pub async fn is_authorized(shared: &Shared, body: &[u8]) -> Result<Vec<u8>, ApiError> {
     let query: Query = parse_json(body)?;
-    let answer = decide(shared, query).await?;
+    let answer = decide(shared, query, &opentelemetry::Context::new()).await?;
     Ok(serde_json::to_vec(&answer).unwrap_or_default())
 }
 
-async fn decide(shared: &Shared, query: Query) -> Result<Value, ApiError> {
+async fn decide(
+    shared: &Shared,
+    query: Query,
+    parent: &opentelemetry::Context,
+) -> Result<Value, ApiError> {
     let active = shared.active();
     let input = query.into_input()?;
-    let logged = shared.decide_logged(&active, input).await?;
+    let logged = shared.decide_logged(&active, input, parent).await?;
+    shared
+        .metrics
+        .decision(Endpoint::IsAuthorized, logged.outcome.allow);
     Ok(answer(&logged))
 }
 
@@ -340,7 +372,11 @@ fn check_batch_size(shared: &Shared, n: usize, field: &str) -> Result<(), ApiErr
     Ok(())
 }
 
-async fn batch_decide(shared: &Shared, body: Value) -> Result<Value, ApiError> {
+async fn batch_decide(
+    shared: &Shared,
+    body: Value,
+    parent: &opentelemetry::Context,
+) -> Result<Value, ApiError> {
     let requests = batch_items(body)?;
     check_batch_size(shared, requests.len(), "requests")?;
     // One snapshot for the whole batch: every item sees the same policy set.
@@ -366,7 +402,7 @@ async fn batch_decide(shared: &Shared, body: Value) -> Result<Value, ApiError> {
             .and_then(|q| q.into_input().map_err(|e| ApiError::from(e.under(&prefix))))
             .and_then(|input| {
                 shared
-                    .decide_draft(&active, input)
+                    .decide_draft(&active, input, parent)
                     .map_err(|e| ApiError::from(e.under(&prefix)))
             });
         match result {
@@ -381,6 +417,9 @@ async fn batch_decide(shared: &Shared, body: Value) -> Result<Value, ApiError> {
         }
     }
     let logged = shared.log_all(decided).await;
+    for l in &logged {
+        shared.metrics.decision(Endpoint::Batch, l.outcome.allow);
+    }
     let responses: Vec<Value> = slots
         .into_iter()
         .map(|slot| match slot {
@@ -398,7 +437,11 @@ fn authzen_single(l: &Logged) -> Value {
     })
 }
 
-async fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Value, ApiError> {
+async fn authzen_batch(
+    shared: &Shared,
+    req: authzen::Evaluations,
+    parent: &opentelemetry::Context,
+) -> Result<Value, ApiError> {
     let semantic = Semantic::parse(req.options.as_ref())?;
     let active = shared.active();
     let items = match req.evaluations {
@@ -406,7 +449,10 @@ async fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Val
         None => {
             let eval = req.defaults.complete()?;
             let input = authzen::to_input(&shared.config.authzen, &active.bundle, eval)?;
-            let logged = shared.decide_logged(&active, input).await?;
+            let logged = shared.decide_logged(&active, input, parent).await?;
+            shared
+                .metrics
+                .decision(Endpoint::AuthzenEvaluations, logged.outcome.allow);
             return Ok(authzen_single(&logged));
         }
         Some(items) => items,
@@ -423,7 +469,7 @@ async fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Val
             .over(&req.defaults)
             .complete()
             .and_then(|e| authzen::to_input(&shared.config.authzen, &active.bundle, e))
-            .and_then(|input| shared.decide_draft(&active, input));
+            .and_then(|input| shared.decide_draft(&active, input, parent));
         match result {
             Ok(d) if semantic == Semantic::ExecuteAll => {
                 slots.push(Ok(decided.len()));
@@ -435,6 +481,7 @@ async fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Val
                     .await
                     .first()
                     .is_some_and(|l| l.outcome.allow);
+                shared.metrics.decision(Endpoint::AuthzenEvaluations, allow);
                 out.push(json!({"decision": allow}));
                 if semantic.stops_after(allow) {
                     break;
@@ -460,6 +507,11 @@ async fn authzen_batch(shared: &Shared, req: authzen::Evaluations) -> Result<Val
     }
     if semantic == Semantic::ExecuteAll {
         let logged = shared.log_all(decided).await;
+        for l in &logged {
+            shared
+                .metrics
+                .decision(Endpoint::AuthzenEvaluations, l.outcome.allow);
+        }
         out = slots
             .into_iter()
             .map(|slot| match slot {

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::engine::{Engine, Input, InputError, Outcome};
 use crate::note::KeyPair;
 use crate::policy::{self, Bundle, Problem, Problems};
+use crate::telemetry;
 
 /// A bundle and the epoch it was activated in.
 #[derive(Debug)]
@@ -104,6 +105,7 @@ pub struct Shared {
     /// Serializes reloads (watcher and `POST /v1/reload`).
     reload_lock: Mutex<()>,
     pub counters: Counters,
+    pub metrics: crate::metrics::Metrics,
     pub started: Instant,
 }
 
@@ -173,6 +175,7 @@ impl Shared {
             status: Mutex::new(ReloadStatus::default()),
             reload_lock: Mutex::new(()),
             counters: Counters::default(),
+            metrics: crate::metrics::Metrics::default(),
             started: Instant::now(),
         }))
     }
@@ -232,6 +235,19 @@ impl Shared {
         }
     }
 
+    /// The engine's evaluation, in a `vigie.evaluate` span (child of the
+    /// current context: the decision's span).
+    fn evaluate(&self, active: &Active, input: Input) -> Result<Outcome, InputError> {
+        let span = telemetry::start(
+            "vigie.evaluate",
+            opentelemetry::trace::SpanKind::Internal,
+            &opentelemetry::Context::current(),
+        );
+        let evaluated = self.engine.decide(&active.bundle, input);
+        opentelemetry::trace::TraceContextExt::span(&span).end();
+        evaluated
+    }
+
     /// Answers from the cache, or evaluates and caches. Returns the outcome
     /// and whether it came from the cache. `active` is the request's snapshot.
     pub fn decide(&self, active: &Active, input: Input) -> Result<(Outcome, bool), InputError> {
@@ -248,7 +264,7 @@ impl Shared {
         if let Some((entry, _tier)) = self.cache.get(&key, now) {
             return Ok((entry.outcome(), true));
         }
-        let outcome = self.engine.decide(&active.bundle, input)?;
+        let outcome = self.evaluate(active, input)?;
         self.cache.put(
             key,
             cache::Entry {
@@ -268,15 +284,61 @@ impl Shared {
         &self,
         active: &Active,
         input: Input,
+        parent: &opentelemetry::Context,
     ) -> Result<(Outcome, bool, Draft), InputError> {
+        use opentelemetry::trace::SpanKind;
+        use opentelemetry::KeyValue;
         let principal = input.principal.to_string();
         let action = input.action.to_string();
         let resource = input.resource.to_string();
+        let types = (
+            input.principal.type_name().to_string(),
+            input.resource.type_name().to_string(),
+        );
         let context = input.context.clone();
         let entities = input.entities.len();
-        let (outcome, cached) = self.decide(active, input)?;
+        // A span per decision, child of the caller's; the evaluation (on a
+        // cache miss) is its child.
+        let span = telemetry::start("vigie.decision", SpanKind::Server, parent);
+        let trace_id = telemetry::trace_id(&span);
+        let decided = {
+            let _in_span = span.clone().attach();
+            self.decide(active, input)
+        };
+        let (outcome, cached) = match decided {
+            Ok(d) => d,
+            Err(e) => {
+                telemetry::end_decision(&span, vec![KeyValue::new("vigie.error", e.code)]);
+                return Err(e);
+            }
+        };
+        let decision_id = uuid::Uuid::now_v7().to_string();
+        telemetry::end_decision(
+            &span,
+            vec![
+                KeyValue::new(
+                    "vigie.decision",
+                    if outcome.allow { "Allow" } else { "Deny" },
+                ),
+                KeyValue::new("vigie.policy_ids", outcome.reasons.join(",")),
+                KeyValue::new("vigie.principal_type", types.0),
+                KeyValue::new("vigie.action", action.clone()),
+                KeyValue::new("vigie.resource_type", types.1),
+                KeyValue::new("vigie.cache_hit", cached),
+                KeyValue::new("vigie.decision_id", decision_id.clone()),
+                KeyValue::new("vigie.policy_epoch", active.epoch as i64),
+            ],
+        );
+        tracing::debug!(
+            decision_id = %decision_id,
+            decision = if outcome.allow { "Allow" } else { "Deny" },
+            reasons = %outcome.reasons.join(","),
+            cached,
+            "decision"
+        );
         let draft = Draft {
-            decision_id: uuid::Uuid::now_v7().to_string(),
+            trace_id,
+            decision_id,
             principal,
             action,
             resource,
@@ -325,8 +387,13 @@ impl Shared {
     }
 
     /// One decision, logged.
-    pub async fn decide_logged(&self, active: &Active, input: Input) -> Result<Logged, InputError> {
-        let decided = self.decide_draft(active, input)?;
+    pub async fn decide_logged(
+        &self,
+        active: &Active,
+        input: Input,
+        parent: &opentelemetry::Context,
+    ) -> Result<Logged, InputError> {
+        let decided = self.decide_draft(active, input, parent)?;
         let mut out = self.log_all(vec![decided]).await;
         Ok(out.remove(0))
     }

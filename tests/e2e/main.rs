@@ -12,3 +12,4 @@ mod extauthz;
 mod log;
 mod reload;
 mod support;
+mod telemetry;

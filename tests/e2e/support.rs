@@ -80,6 +80,10 @@ impl Vigie {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening (HTTP) addr=").nth(1) {
                     let _ = tx.send(rest.trim().to_owned());
+                } else if line.contains("\"listening (HTTP)\"") {
+                    // JSON logs: {"fields":{"message":"listening (HTTP)","addr":"..."}}
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    let _ = tx.send(v["fields"]["addr"].as_str().unwrap().to_owned());
                 }
                 let mut l = sink.lock().unwrap();
                 l.push_str(&line);

@@ -143,6 +143,8 @@ pub struct Draft {
     pub epoch: u64,
     pub policy_hash: String,
     pub cached: bool,
+    /// The caller's (or this decision's) W3C trace id, hex.
+    pub trace_id: Option<String>,
 }
 
 /// The fields every record shares.
@@ -180,7 +182,7 @@ impl Draft {
             "errors": self.errors,
             "plugins": [],
             "policy": {"epoch": self.epoch, "hash": self.policy_hash},
-            "trace_id": null,
+            "trace_id": self.trace_id,
             "cached": self.cached,
         }))
     }
@@ -296,6 +298,7 @@ mod tests {
             epoch: 1,
             policy_hash: "h".into(),
             cached: false,
+            trace_id: None,
         };
         let stamp = Stamp {
             sidecar: "s",

@@ -734,6 +734,7 @@ mod tests {
             epoch: 1,
             policy_hash: "h".into(),
             cached: false,
+            trace_id: None,
         }
     }
 
