@@ -390,3 +390,32 @@ fn metrics_move_with_traffic_and_parse_as_prometheus() {
     let families: usize = counts.split_whitespace().next().unwrap().parse().unwrap();
     assert!(families >= 15, "{counts}");
 }
+
+#[test]
+fn the_grafana_dashboard_only_uses_metrics_that_exist() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/grafana/vigie-dashboard.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let v = Vigie::example();
+    let led = tempfile::tempdir().unwrap();
+    let ledger = crate::support::Ledger::start(led.path(), "127.0.0.1:0");
+    let exposed = v.get("/metrics").text + &ledger.get("/metrics").text;
+    let mut used = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("vigie_"))
+            {
+                assert!(
+                    exposed.contains(&format!("\n{name}")) || exposed.starts_with(name),
+                    "panel `{}` uses `{name}`, which nothing exposes",
+                    panel["title"]
+                );
+                used += 1;
+            }
+        }
+    }
+    assert!(used >= 15);
+}
