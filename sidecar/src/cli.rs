@@ -33,6 +33,11 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Verify a ledger's (or an export's) signatures, chains and checkpoint offline.
     Verify(VerifyArgs),
+    /// Exit 0 if the URL answers 200 (a container health check with no shell).
+    Health {
+        /// e.g. `http://127.0.0.1:8190/readyz`
+        url: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -33,6 +33,22 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check(args) => exit(cli::check(&args.dir, args.validation)),
         Command::Test(args) => exit(cli::test(&args.dir, args.validation)),
+        Command::Health { url } => {
+            let agent = ureq::AgentBuilder::new()
+                .timeout(std::time::Duration::from_secs(3))
+                .build();
+            match agent.get(&url).call() {
+                Ok(r) if r.status() == 200 => ExitCode::SUCCESS,
+                Ok(r) => {
+                    eprintln!("vigie: {url} answered {}", r.status());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("vigie: {url}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Keygen(args) => match cli::keygen(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -130,6 +130,15 @@ impl Shared {
             .clone()
             .unwrap_or_else(|| config.data.dir.join("sidecar.key"));
         let (key, created) = KeyPair::load_or_create(&key_path, &sidecar_id)?;
+        // The public half beside it, for enrollment (e.g. a ledger reading
+        // `public_key_file` from a shared volume).
+        let public_path = key_path.with_extension("pub");
+        let current = std::fs::read_to_string(&public_path).unwrap_or_default();
+        if current.trim() != key.public().encode() {
+            if let Err(e) = std::fs::write(&public_path, format!("{}\n", key.public().encode())) {
+                tracing::warn!(path = %public_path.display(), error = %e, "cannot write the public key file");
+            }
+        }
         if created {
             tracing::info!(path = %key_path.display(), public_key = %key.public().encode(), "sidecar key created; enroll it in the ledger");
         }

@@ -7,6 +7,7 @@ mod api;
 mod authzen;
 mod cache;
 mod cli;
+mod deploy;
 mod differential;
 mod extauthz;
 mod log;

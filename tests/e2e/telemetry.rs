@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use crate::support::{eventually, example_policies, Vigie};
 
-type Received = Arc<Mutex<Vec<ExportTraceServiceRequest>>>;
+pub(crate) type Received = Arc<Mutex<Vec<ExportTraceServiceRequest>>>;
 
 #[derive(Clone, Default)]
 struct Receiver(Received);
@@ -38,7 +38,7 @@ impl TraceService for Receiver {
 }
 
 /// A real OTLP/gRPC trace receiver on loopback, in its own runtime thread.
-fn grpc_receiver() -> (SocketAddr, Received) {
+pub(crate) fn grpc_receiver() -> (SocketAddr, Received) {
     let received = Received::default();
     let (tx, rx) = std::sync::mpsc::channel();
     let r = Receiver(Arc::clone(&received));
@@ -124,7 +124,7 @@ fn serve_http(mut s: std::net::TcpStream, sink: Received) {
     }
 }
 
-fn spans(received: &Received) -> Vec<(Span, HashMap<String, String>)> {
+pub(crate) fn spans(received: &Received) -> Vec<(Span, HashMap<String, String>)> {
     let mut out = Vec::new();
     for req in received.lock().unwrap().iter() {
         for rs in &req.resource_spans {

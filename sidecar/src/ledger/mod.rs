@@ -94,7 +94,13 @@ pub struct Ledger {
 #[serde(deny_unknown_fields)]
 pub struct Enrolled {
     pub id: String,
+    /// The key as `vigie keygen` prints it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub public_key: String,
+    /// Or a file holding it (e.g. the sidecar's `sidecar.pub` on a shared
+    /// volume); read again whenever the sidecar is not known yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_file: Option<PathBuf>,
 }
 
 fn keys_of(section: &str) -> &'static [&'static str] {
@@ -151,6 +157,7 @@ pub fn enroll(data_dir: &Path, id: &str, public_key: &str) -> anyhow::Result<()>
     file.sidecars.push(Enrolled {
         id: id.to_owned(),
         public_key: public_key.to_owned(),
+        public_key_file: None,
     });
     let tmp = path.with_extension("toml.tmp");
     std::fs::write(&tmp, toml::to_string(&file)?)?;
@@ -177,8 +184,16 @@ impl Keys {
             all.extend(f.sidecars);
         }
         for e in all {
-            let key = PublicKey::decode(&e.public_key)
-                .with_context(|| format!("enrolled sidecar `{}`", e.id))?;
+            let text = match &e.public_key_file {
+                Some(path) if e.public_key.is_empty() => match std::fs::read_to_string(path) {
+                    Ok(t) => t.trim().to_owned(),
+                    // Not there yet (the sidecar has not started): skip it for now.
+                    Err(_) => continue,
+                },
+                _ => e.public_key.clone(),
+            };
+            let key =
+                PublicKey::decode(&text).with_context(|| format!("enrolled sidecar `{}`", e.id))?;
             known.insert(e.id, key);
         }
         if let Ok(mut k) = self.known.write() {
