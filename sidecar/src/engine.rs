@@ -195,14 +195,13 @@ impl Engine {
 
     /// Validates the input against the bundle's schema and evaluates it.
     pub fn decide(&self, bundle: &Bundle, input: Input) -> Result<Outcome, InputError> {
+        let policies = bundle.slices.get(&input.action).unwrap_or(&bundle.policies);
         let (request, extra) = prepare(bundle, input)?;
         let response = match extra {
             None => self
                 .authorizer
-                .is_authorized(&request, &bundle.policies, &bundle.entities),
-            Some(entities) => self
-                .authorizer
-                .is_authorized(&request, &bundle.policies, &entities),
+                .is_authorized(&request, policies, &bundle.entities),
+            Some(entities) => self.authorizer.is_authorized(&request, policies, &entities),
         };
         let mut reasons: Vec<String> = response
             .diagnostics()

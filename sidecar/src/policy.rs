@@ -84,6 +84,11 @@ pub struct Bundle {
     /// and action names are resolved in it).
     pub namespace: Option<String>,
     pub validation: Validation,
+    /// For each action of the schema, only the policies whose action scope
+    /// can match it (policy slicing: Cedar evaluates every policy it is
+    /// given). Decisions and diagnostics are those of the whole set: a policy
+    /// whose scope does not match is never satisfied and never errs.
+    pub slices: HashMap<EntityUid, PolicySet>,
     /// Context types per action, to locate context errors precisely.
     pub shapes: crate::shape::Shapes,
     pub counts: Counts,
@@ -437,7 +442,12 @@ pub fn load(dir: &Path, validation: Validation) -> Result<Bundle, Problems> {
     if !problems.is_empty() {
         return Err(Problems(problems));
     }
+    let slices = match &schema {
+        Some(s) => slice(&policies, &entities, s),
+        None => HashMap::new(),
+    };
     Ok(Bundle {
+        slices,
         dir: dir.to_path_buf(),
         policies,
         schema,
@@ -449,6 +459,45 @@ pub fn load(dir: &Path, validation: Validation) -> Result<Bundle, Problems> {
         counts,
         warnings,
     })
+}
+
+/// The policies that can apply to each action (see [`Bundle::slices`]).
+fn slice(
+    policies: &PolicySet,
+    entities: &Entities,
+    schema: &Schema,
+) -> HashMap<EntityUid, PolicySet> {
+    use cedar_policy::ActionConstraint;
+    let applies = |constraint: ActionConstraint, action: &EntityUid| match constraint {
+        ActionConstraint::Any => true,
+        ActionConstraint::Eq(a) => &a == action,
+        ActionConstraint::In(groups) => groups
+            .iter()
+            .any(|g| g == action || entities.is_ancestor_of(g, action)),
+    };
+    let mut out = HashMap::new();
+    for action in schema.actions() {
+        let mut set = PolicySet::new();
+        let mut ok = true;
+        for t in policies.templates() {
+            ok &= set.add_template(t.clone()).is_ok();
+        }
+        for p in policies.policies() {
+            if !applies(p.action_constraint(), action) {
+                continue;
+            }
+            ok &= match (p.template_id(), p.template_links()) {
+                (Some(t), Some(values)) => set.link(t.clone(), p.id().clone(), values).is_ok(),
+                _ => set.add(p.clone()).is_ok(),
+            };
+        }
+        // INVARIANT: a slice that could not be built is left out, and that
+        // action is evaluated on the whole set.
+        if ok {
+            out.insert(action.clone(), set);
+        }
+    }
+    out
 }
 
 enum Item {
@@ -716,6 +765,30 @@ mod example_tests {
             .policies
             .template(&PolicyId::new("delegated-read"))
             .is_some());
+    }
+
+    #[test]
+    fn slices_keep_only_the_policies_an_action_can_match() {
+        let b = example();
+        let read: EntityUid = r#"Agency::Action::"read""#.parse().unwrap();
+        let slice = &b.slices[&read];
+        let ids: Vec<String> = slice.policies().map(|p| p.id().to_string()).collect();
+        assert!(ids.contains(&"staff-read-department".to_owned()));
+        assert!(
+            ids.contains(&"forbid-suspended".to_owned()),
+            "action-unconstrained policies apply"
+        );
+        assert!(
+            ids.contains(&"forbid-sensitive-outside-eu".to_owned()),
+            "`in` an action group applies"
+        );
+        assert!(
+            ids.contains(&"delegation-mathis-social".to_owned()),
+            "template links are kept"
+        );
+        assert!(!ids.contains(&"admin-administer-hardware-mfa".to_owned()));
+        assert!(!ids.contains(&"staff-update-department".to_owned()));
+        assert!(ids.len() < b.policies.policies().count());
     }
 
     #[test]
