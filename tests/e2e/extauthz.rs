@@ -238,6 +238,19 @@ fn envoy_checks_are_answered_and_logged() {
             .await;
         let after =
             check(Call::new("GET", "/records/social-001").header("x-vigie-user", "alice")).await;
+        // The caller's trace context rides in the gRPC metadata.
+        let mut traced = tonic::Request::new(
+            Call::new("GET", "/records/social-001")
+                .header("x-vigie-user", "alice")
+                .request(),
+        );
+        traced.metadata_mut().insert(
+            "traceparent",
+            "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        let traced = answer(client.clone().check(traced).await.unwrap().into_inner());
 
         let channel = tonic::transport::Channel::from_shared(format!("http://{listen}"))
             .unwrap()
@@ -266,6 +279,7 @@ fn envoy_checks_are_answered_and_logged() {
             malformed,
             after,
             serving,
+            traced,
         )
     });
     let (
@@ -281,6 +295,7 @@ fn envoy_checks_are_answered_and_logged() {
         malformed,
         after,
         serving,
+        traced,
     ) = results;
 
     assert_eq!(header_allow.code, 0);
@@ -339,6 +354,16 @@ fn envoy_checks_are_answered_and_logged() {
         let rec: Value = ledger.get(&format!("/v1/decisions/{id}")).json();
         assert_eq!(rec["record"]["reasons"][0], reason, "{rec}");
     }
+    let rec: Value = ledger
+        .get(&format!(
+            "/v1/decisions/{}",
+            traced.headers["x-vigie-decision-id"]
+        ))
+        .json();
+    assert_eq!(
+        rec["record"]["trace_id"], "5bf92f3577b34da6a3ce929d0e0e4736",
+        "{rec}"
+    );
     let rec: Value = ledger
         .get(&format!(
             "/v1/decisions/{}",
