@@ -150,8 +150,12 @@ impl Query {
 /// escaped `{"__entity":{...}}`.
 pub fn parse_uid(value: &Value) -> Result<EntityUid, String> {
     match value {
-        Value::String(s) => EntityUid::from_str(s)
-            .map_err(|e| format!("invalid entity uid `{s}`: {}", cedar_message(&e))),
+        Value::String(s) => match simple_uid(s) {
+            // The common form, without Cedar's grammar (a parser per uid).
+            Some((ty, id)) => uid(ty, id),
+            None => EntityUid::from_str(s)
+                .map_err(|e| format!("invalid entity uid `{s}`: {}", cedar_message(&e))),
+        },
         Value::Object(map) => {
             if let Some(inner) = map.get("__entity") {
                 return parse_uid(inner);
@@ -173,10 +177,47 @@ pub fn parse_uid(value: &Value) -> Result<EntityUid, String> {
     }
 }
 
-/// Builds a uid from a type name and an id.
-pub fn uid(ty: &str, id: &str) -> Result<EntityUid, String> {
+/// `A::B::"id"` with plain identifiers and an id without escapes or quotes,
+/// split into type and id; anything else is left to Cedar's parser.
+fn simple_uid(s: &str) -> Option<(&str, &str)> {
+    let (ty, rest) = s.split_once("::\"")?;
+    let id = rest.strip_suffix('"')?;
+    if id.contains(['"', '\\']) {
+        return None;
+    }
+    let ident = |p: &str| {
+        let mut c = p.chars();
+        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+            && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    ty.split("::").all(ident).then_some((ty, id))
+}
+
+thread_local! {
+    /// Type names already parsed (Cedar parses them with its grammar).
+    /// Bounded: input decides what is asked.
+    static TYPES: std::cell::RefCell<std::collections::HashMap<String, EntityTypeName>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn type_name(ty: &str) -> Result<EntityTypeName, String> {
+    if let Some(t) = TYPES.with(|t| t.borrow().get(ty).cloned()) {
+        return Ok(t);
+    }
     let name = EntityTypeName::from_str(ty)
         .map_err(|e| format!("invalid entity type `{ty}`: {}", cedar_message(&e)))?;
+    TYPES.with(|t| {
+        let mut t = t.borrow_mut();
+        if t.len() < 1024 {
+            t.insert(ty.to_owned(), name.clone());
+        }
+    });
+    Ok(name)
+}
+
+/// Builds a uid from a type name and an id.
+pub fn uid(ty: &str, id: &str) -> Result<EntityUid, String> {
+    let name = type_name(ty)?;
     // INVARIANT: `EntityId::from_str` accepts every string.
     let id = EntityId::new(id);
     Ok(EntityUid::from_type_name_and_id(name, id))
@@ -343,6 +384,24 @@ mod tests {
         assert!(parse_uid(&json!({"type": "U", "id": "x", "role": 1}))
             .unwrap_err()
             .contains("`role`"));
+    }
+
+    #[test]
+    fn the_fast_uid_path_agrees_with_cedars_parser() {
+        for s in [
+            "Agency::User::\"alice\"",
+            "User::\"\"",
+            "A::B::C::\"x y-z.é\"",
+            "Agency::Action::\"read\"",
+        ] {
+            assert!(simple_uid(s).is_some(), "{s}");
+            assert_eq!(parse_uid(&json!(s)).unwrap(), EntityUid::from_str(s).unwrap(), "{s}");
+        }
+        for s in ["User::\"a\\\"b\"", "User :: \"a\"", "1User::\"a\"", "User::\"a\" ", "User::'a'"] {
+            assert!(simple_uid(s).is_none(), "{s}");
+        }
+        assert!(parse_uid(&json!("User::\"a\\\"b\"")).is_ok(), "escapes go to Cedar's parser");
+        assert!(parse_uid(&json!("1User::\"a\"")).is_err());
     }
 
     #[test]
