@@ -187,7 +187,8 @@ fn simple_uid(s: &str) -> Option<(&str, &str)> {
     }
     let ident = |p: &str| {
         let mut c = p.chars();
-        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        c.next()
+            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
             && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
     };
     ty.split("::").all(ident).then_some((ty, id))
@@ -395,12 +396,25 @@ mod tests {
             "Agency::Action::\"read\"",
         ] {
             assert!(simple_uid(s).is_some(), "{s}");
-            assert_eq!(parse_uid(&json!(s)).unwrap(), EntityUid::from_str(s).unwrap(), "{s}");
+            assert_eq!(
+                parse_uid(&json!(s)).unwrap(),
+                EntityUid::from_str(s).unwrap(),
+                "{s}"
+            );
         }
-        for s in ["User::\"a\\\"b\"", "User :: \"a\"", "1User::\"a\"", "User::\"a\" ", "User::'a'"] {
+        for s in [
+            "User::\"a\\\"b\"",
+            "User :: \"a\"",
+            "1User::\"a\"",
+            "User::\"a\" ",
+            "User::'a'",
+        ] {
             assert!(simple_uid(s).is_none(), "{s}");
         }
-        assert!(parse_uid(&json!("User::\"a\\\"b\"")).is_ok(), "escapes go to Cedar's parser");
+        assert!(
+            parse_uid(&json!("User::\"a\\\"b\"")).is_ok(),
+            "escapes go to Cedar's parser"
+        );
         assert!(parse_uid(&json!("1User::\"a\"")).is_err());
     }
 
