@@ -14,10 +14,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+#[path = "load.rs"]
+mod load;
+
+use std::process::{Child, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -63,80 +65,6 @@ fn bodies() -> Arc<Vec<Bytes>> {
     )
 }
 
-struct Result_ {
-    rps: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-async fn drive(addr: &str, connections: usize, bodies: Arc<Vec<Bytes>>) -> Result_ {
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..connections)
-        .map(|c| {
-            let (addr, bodies) = (addr.to_owned(), Arc::clone(&bodies));
-            tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (mut send, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await
-                        .unwrap();
-                tokio::spawn(conn);
-                let mut lat = Vec::new();
-                let mut i = c;
-                while start.elapsed() < RUN {
-                    let req = hyper::Request::post("/v1/is_authorized")
-                        .header("host", "bench")
-                        .header("content-type", "application/json")
-                        .body(Full::new(bodies[i % bodies.len()].clone()))
-                        .unwrap();
-                    let t = Instant::now();
-                    let resp = send.send_request(req).await.unwrap();
-                    let status = resp.status();
-                    resp.into_body().collect().await.unwrap();
-                    assert_eq!(status, 200);
-                    lat.push(t.elapsed());
-                    i += connections;
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    all.sort();
-    let at = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-    Result_ {
-        rps: all.len() as f64 / start.elapsed().as_secs_f64(),
-        p50: at(0.5),
-        p99: at(0.99),
-    }
-}
-
-fn pinned(program: &str) -> Command {
-    if Command::new("taskset").arg("--version").output().is_ok() {
-        let mut c = Command::new("taskset");
-        c.args(["-c", "0", program]);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-fn wait_for(child: &mut Child, marker: &str) -> String {
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(rest) = line.split(marker).nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    addr
-}
-
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -155,7 +83,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 /// The transport limit: hyper answering a fixed body, in its own process.
 fn bare_server() -> Child {
     let exe = std::env::current_exe().unwrap();
-    let mut c = pinned(exe.to_str().unwrap());
+    let mut c = load::pinned(exe.to_str().unwrap());
     c.arg("--bare-server").stderr(Stdio::piped());
     c.spawn().unwrap()
 }
@@ -188,7 +116,7 @@ fn run_bare_server() {
 }
 
 fn vigie(durability: &str, cache: bool, data: &std::path::Path) -> Child {
-    let mut c = pinned(env!("CARGO_BIN_EXE_vigie"));
+    let mut c = load::pinned(env!("CARGO_BIN_EXE_vigie"));
     c.args([
         "serve",
         "--listen",
@@ -234,17 +162,17 @@ fn main() {
                 None => (bare_server(), "bare-server addr="),
                 Some((d, cache)) => (vigie(d, cache, data.path()), "listening (HTTP) addr="),
             };
-            let addr = wait_for(&mut child, marker);
+            let addr = load::address(&mut child, marker);
+            let b = Arc::clone(&bodies);
+            let request = move |i: usize| load::post(b[i % b.len()].clone(), None);
             // Warm-up, then the measured run.
-            rt.block_on(async {
-                tokio::time::timeout(
-                    Duration::from_secs(1),
-                    drive(&addr, conns, Arc::clone(&bodies)),
-                )
-                .await
-                .ok()
-            });
-            let r = rt.block_on(drive(&addr, conns, Arc::clone(&bodies)));
+            rt.block_on(load::http(
+                &addr,
+                conns,
+                Duration::from_secs(1),
+                request.clone(),
+            ));
+            let r = rt.block_on(load::http(&addr, conns, RUN, request));
             let rss = peak_rss_kib(child.id());
             let _ = child.kill();
             let _ = child.wait();

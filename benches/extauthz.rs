@@ -11,7 +11,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
+#[path = "load.rs"]
+mod load;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,6 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use http_body_util::{BodyExt, Full};
 
 const RUN: Duration = Duration::from_secs(4);
 const USERS: [&str; 4] = ["alice", "bob", "dominique", "gaston"];
@@ -50,23 +51,7 @@ fn http_body(i: usize) -> String {
     )
 }
 
-struct Stats {
-    rps: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut lat: Vec<Duration>, elapsed: Duration) -> Stats {
-    lat.sort();
-    let at = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-    Stats {
-        rps: lat.len() as f64 / elapsed.as_secs_f64(),
-        p50: at(0.5),
-        p99: at(0.99),
-    }
-}
-
-async fn grpc(addr: &str, streams: usize) -> Stats {
+async fn grpc(addr: &str, streams: usize) -> load::Stats {
     let client = AuthorizationClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -92,46 +77,7 @@ async fn grpc(addr: &str, streams: usize) -> Stats {
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    stats(all, start.elapsed())
-}
-
-async fn http(addr: &str, connections: usize) -> Stats {
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..connections)
-        .map(|s| {
-            let addr = addr.to_owned();
-            tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (mut send, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await
-                        .unwrap();
-                tokio::spawn(conn);
-                let mut lat = Vec::new();
-                let mut i = s;
-                while start.elapsed() < RUN {
-                    let req = hyper::Request::post("/v1/is_authorized")
-                        .header("host", "bench")
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(http_body(i))))
-                        .unwrap();
-                    let t = Instant::now();
-                    let resp = send.send_request(req).await.unwrap();
-                    let body = resp.into_body().collect().await.unwrap().to_bytes();
-                    assert!(body.starts_with(b"{\"decision\""));
-                    lat.push(t.elapsed());
-                    i += connections;
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    stats(all, start.elapsed())
+    load::stats(all, start.elapsed())
 }
 
 fn main() {
@@ -149,14 +95,7 @@ fn main() {
     let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/envoy/vigie.toml");
     let pinned = Command::new("taskset").arg("--version").output().is_ok();
-    let mut cmd = if pinned {
-        let mut c = Command::new("taskset");
-        c.args(["-c", "0", env!("CARGO_BIN_EXE_vigie")]);
-        c
-    } else {
-        Command::new(env!("CARGO_BIN_EXE_vigie"))
-    };
-    let mut server = cmd
+    let mut server = load::pinned(env!("CARGO_BIN_EXE_vigie"))
         .args([
             "serve",
             "--listen",
@@ -179,14 +118,7 @@ fn main() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    let http_addr = loop {
-        let line = lines.next().expect("vigie exited").unwrap();
-        if let Some(rest) = line.split("listening (HTTP) addr=").nth(1) {
-            break rest.trim().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let http_addr = load::address(&mut server, "listening (HTTP) addr=");
     let grpc_addr = format!("127.0.0.1:{grpc_port}");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -204,7 +136,9 @@ fn main() {
     println!("{:<22} {:>10} {:>10} {:>10}", "", "req/s", "p50", "p99");
     for streams in [1usize, 32] {
         let g = rt.block_on(grpc(&grpc_addr, streams));
-        let h = rt.block_on(http(&http_addr, streams));
+        let h = rt.block_on(load::http(&http_addr, streams, RUN, |i| {
+            load::post(Bytes::from(http_body(i)), None)
+        }));
         for (name, s) in [
             (format!("grpc Check x{streams}"), &g),
             (format!("http is_authorized x{streams}"), &h),

@@ -12,12 +12,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "load.rs"]
+mod load;
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 
 const RUN: Duration = Duration::from_secs(4);
 const CONNECTIONS: usize = 32;
@@ -58,14 +60,7 @@ fn sink() -> String {
 }
 
 fn start(export_to: Option<&str>, data: &std::path::Path) -> (std::process::Child, String) {
-    let pinned = Command::new("taskset").arg("--version").output().is_ok();
-    let mut cmd = if pinned {
-        let mut c = Command::new("taskset");
-        c.args(["-c", "0", env!("CARGO_BIN_EXE_vigie")]);
-        c
-    } else {
-        Command::new(env!("CARGO_BIN_EXE_vigie"))
-    };
+    let mut cmd = load::pinned(env!("CARGO_BIN_EXE_vigie"));
     cmd.args([
         "serve",
         "--listen",
@@ -86,60 +81,23 @@ fn start(export_to: Option<&str>, data: &std::path::Path) -> (std::process::Chil
             .env("VIGIE_TELEMETRY_ENDPOINT", format!("http://{addr}"));
     }
     let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("vigie exited").unwrap();
-        if let Some(rest) = line.split("listening (HTTP) addr=").nth(1) {
-            break rest.trim().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let addr = load::address(&mut child, "listening (HTTP) addr=");
     (child, addr)
 }
 
-async fn drive(addr: &str) -> (f64, Duration) {
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..CONNECTIONS)
-        .map(|c| {
-            let addr = addr.to_owned();
-            tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (mut send, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-                tokio::spawn(conn);
-                let mut lat = Vec::new();
-                let mut i = c;
-                while start.elapsed() < RUN {
-                    let body = format!(
-                        r#"{{"principal":"Agency::User::\"{}\"","action":"Agency::Action::\"read\"","resource":"Agency::Record::\"social-00{}\""}}"#,
-                        ["alice", "bob", "dominique"][i % 3],
-                        1 + i % 3
-                    );
-                    let req = hyper::Request::post("/v1/is_authorized")
-                        .header("host", "bench")
-                        .header("content-type", "application/json")
-                        .header("traceparent", format!("00-{:032x}-{:016x}-01", i as u128 + 1, i as u64 + 1))
-                        .body(Full::new(Bytes::from(body)))
-                        .unwrap();
-                    let t = Instant::now();
-                    let resp = send.send_request(req).await.unwrap();
-                    resp.into_body().collect().await.unwrap();
-                    lat.push(t.elapsed());
-                    i += CONNECTIONS;
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    all.sort();
-    (
-        all.len() as f64 / start.elapsed().as_secs_f64(),
-        all[all.len() / 2],
+fn request(i: usize) -> hyper::Request<http_body_util::Full<Bytes>> {
+    let body = format!(
+        r#"{{"principal":"Agency::User::\"{}\"","action":"Agency::Action::\"read\"","resource":"Agency::Record::\"social-00{}\""}}"#,
+        ["alice", "bob", "dominique"][i % 3],
+        1 + i % 3
+    );
+    load::post(
+        Bytes::from(body),
+        Some(format!(
+            "00-{:032x}-{:016x}-01",
+            i as u128 + 1,
+            i as u64 + 1
+        )),
     )
 }
 
@@ -156,7 +114,8 @@ fn main() {
     for export in [None, Some(sink.as_str())] {
         let data = tempfile::tempdir().unwrap();
         let (mut child, addr) = start(export, data.path());
-        let (rps, p50) = rt.block_on(drive(&addr));
+        let r = rt.block_on(load::http(&addr, CONNECTIONS, RUN, request));
+        let (rps, p50) = (r.rps, r.p50);
         let _ = child.kill();
         let _ = child.wait();
         let name = if export.is_some() {

@@ -156,7 +156,8 @@ impl Route {
     }
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%xx` escapes decoded (a malformed one is kept as it is).
+pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -507,6 +508,20 @@ fn header(key: &str, value: &str) -> HeaderValueOption {
 }
 
 impl Service {
+    /// Logs a Deny the engine did not make (the request could not be
+    /// placed or was refused by the schema), like every other decision.
+    async fn log_denied(&self, draft: Draft) -> crate::state::Logged {
+        let outcome = Outcome {
+            allow: false,
+            reasons: draft.reasons.clone(),
+            errors: draft.errors.clone(),
+        };
+        self.shared
+            .log_all(vec![(outcome, false, draft)])
+            .await
+            .remove(0)
+    }
+
     fn answer(&self, allow: bool, decision_id: &str, reason: &str) -> CheckResponse {
         let config = &self.shared.config.ext_authz;
         let mut headers = vec![header("x-vigie-decision-id", decision_id)];
@@ -580,34 +595,20 @@ impl Authorization for Service {
                         cached: false,
                         trace_id: crate::telemetry::trace_id(&parent),
                     };
-                    let outcome = Outcome {
-                        allow: false,
-                        reasons: draft.reasons.clone(),
-                        errors: draft.errors.clone(),
-                    };
-                    let logged = self
-                        .shared
-                        .log_all(vec![(outcome, false, draft)])
-                        .await
-                        .remove(0);
-                    (logged, "ext_authz_invalid_request".to_owned())
+                    (
+                        self.log_denied(draft).await,
+                        "ext_authz_invalid_request".to_owned(),
+                    )
                 }
             },
             Err((u, mut draft)) => {
                 draft.trace_id = crate::telemetry::trace_id(&parent);
                 draft.epoch = active.epoch;
                 draft.policy_hash = active.bundle.hash.clone();
-                let outcome = Outcome {
-                    allow: false,
-                    reasons: draft.reasons.clone(),
-                    errors: draft.errors.clone(),
-                };
-                let logged = self
-                    .shared
-                    .log_all(vec![(outcome, false, draft)])
-                    .await
-                    .remove(0);
-                (logged, format!("ext_authz_{}", u.code))
+                (
+                    self.log_denied(draft).await,
+                    format!("ext_authz_{}", u.code),
+                )
             }
         };
         let metrics = &self.shared.metrics;

@@ -320,30 +320,17 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The tree size a signed checkpoint states (its second line).
+fn tree_size(checkpoint: &str) -> u64 {
+    checkpoint
+        .lines()
+        .nth(1)
+        .and_then(|l| l.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::extauthz::percent_decode(&s.replace('+', " "))
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -482,6 +469,15 @@ async fn ingest(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// Whether a record's `ts` is within the query's `from` (inclusive) and `to`.
+fn in_time_range(rec: &Value, q: &BTreeMap<String, String>) -> bool {
+    let ts = rec["ts"].as_str();
+    q.get("from")
+        .is_none_or(|f| ts.is_some_and(|ts| ts >= f.as_str()))
+        && q.get("to")
+            .is_none_or(|t| ts.is_some_and(|ts| ts < t.as_str()))
+}
+
 fn matches(rec: &Value, q: &BTreeMap<String, String>) -> bool {
     let eq = |field: &str, v: &Value| {
         q.get(field)
@@ -492,10 +488,7 @@ fn matches(rec: &Value, q: &BTreeMap<String, String>) -> bool {
         && eq("principal", &rec["request"]["principal"])
         && eq("action", &rec["request"]["action"])
         && eq("decision", &rec["decision"])
-        && q.get("from")
-            .is_none_or(|f| rec["ts"].as_str().is_some_and(|ts| ts >= f.as_str()))
-        && q.get("to")
-            .is_none_or(|t| rec["ts"].as_str().is_some_and(|ts| ts < t.as_str()))
+        && in_time_range(rec, q)
 }
 
 fn decisions(state: &State, q: &BTreeMap<String, String>) -> Response<Body> {
@@ -544,11 +537,7 @@ fn decision(state: &State, id: &str) -> Response<Body> {
         );
     };
     let checkpoint = state.store.checkpoint();
-    let size = checkpoint
-        .lines()
-        .nth(1)
-        .and_then(|l| l.parse::<u64>().ok())
-        .unwrap_or(0);
+    let size = tree_size(&checkpoint);
     let leaves = state.store.leaves_upto(size);
     let proof = merkle::inclusion_proof(index as usize, &leaves);
     json_resp(
@@ -581,11 +570,7 @@ fn export(state: &Arc<State>, q: &BTreeMap<String, String>) -> Response<Body> {
     let q = q.clone();
     tokio::task::spawn_blocking(move || {
         let checkpoint = state.store.checkpoint();
-        let size = checkpoint
-            .lines()
-            .nth(1)
-            .and_then(|l| l.parse::<u64>().ok())
-            .unwrap_or(0);
+        let size = tree_size(&checkpoint);
         let mut buf = String::new();
         let push = |v: Value, buf: &mut String| -> bool {
             buf.push_str(&v.to_string());
@@ -624,12 +609,7 @@ fn export(state: &Arc<State>, q: &BTreeMap<String, String>) -> Response<Body> {
                 break;
             }
             let rec: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let in_range = !ranged
-                || (q
-                    .get("from")
-                    .is_none_or(|f| rec["ts"].as_str().is_some_and(|ts| ts >= f.as_str()))
-                    && q.get("to")
-                        .is_none_or(|t| rec["ts"].as_str().is_some_and(|ts| ts < t.as_str())));
+            let in_range = !ranged || in_time_range(&rec, &q);
             let line = if in_range {
                 let (prev, chain) = state.store.chain_of(&rec).unwrap_or(([0; 32], [0; 32]));
                 json!({"type": "record", "index": index, "decision_id": rec["decision_id"], "sidecar": rec["sidecar"],
