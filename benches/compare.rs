@@ -115,25 +115,6 @@ fn run_bare_server() {
     });
 }
 
-fn vigie(durability: &str, cache: bool, data: &std::path::Path) -> Child {
-    let mut c = load::pinned(env!("CARGO_BIN_EXE_vigie"));
-    c.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--durability",
-        durability,
-        "--data-dir",
-    ])
-    .arg(data)
-    .arg("--policies")
-    .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"))
-    .env("VIGIE_CACHE_ENABLED", if cache { "true" } else { "false" })
-    .env("VIGIE_LOG_LEVEL", "warn,vigie::app=info")
-    .stderr(Stdio::piped());
-    c.spawn().unwrap()
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--bare-server") {
         return run_bare_server();
@@ -158,11 +139,18 @@ fn main() {
     for (name, cfg) in configs {
         for conns in [1usize, 32] {
             let data = tempfile::tempdir().unwrap();
-            let (mut child, marker) = match cfg {
-                None => (bare_server(), "bare-server addr="),
-                Some((d, cache)) => (vigie(d, cache, data.path()), "listening (HTTP) addr="),
+            let (mut child, addr) = match cfg {
+                None => {
+                    let mut c = bare_server();
+                    let addr = load::address(&mut c, "bare-server addr=");
+                    (c, addr)
+                }
+                Some((d, cache)) => load::serve(
+                    data.path(),
+                    &["--durability", d],
+                    &[("VIGIE_CACHE_ENABLED", if cache { "true" } else { "false" })],
+                ),
             };
-            let addr = load::address(&mut child, marker);
             let b = Arc::clone(&bodies);
             let request = move |i: usize| load::post(b[i % b.len()].clone(), None);
             // Warm-up, then the measured run.

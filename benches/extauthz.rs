@@ -14,7 +14,7 @@
 #[path = "load.rs"]
 mod load;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -92,33 +92,21 @@ fn main() {
         .local_addr()
         .unwrap()
         .port();
-    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/envoy/vigie.toml");
     let pinned = Command::new("taskset").arg("--version").output().is_ok();
-    let mut server = load::pinned(env!("CARGO_BIN_EXE_vigie"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--policies",
-            policies,
+    let grpc_listen = format!("127.0.0.1:{grpc_port}");
+    let (mut server, http_addr) = load::serve(
+        data.path(),
+        &[
             "--config",
             config,
             "--durability",
             "process",
-        ])
-        .args([
             "--ext-authz-listen",
-            &format!("127.0.0.1:{grpc_port}"),
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .env("VIGIE_CACHE_ENABLED", "false")
-        .env("VIGIE_LOG_LEVEL", "warn,vigie::app=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let http_addr = load::address(&mut server, "listening (HTTP) addr=");
+            &grpc_listen,
+        ],
+        &[("VIGIE_CACHE_ENABLED", "false")],
+    );
     let grpc_addr = format!("127.0.0.1:{grpc_port}");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -42,6 +42,23 @@ pub fn address(child: &mut Child, marker: &str) -> String {
     addr
 }
 
+/// `vigie serve` on the example policies, pinned to core 0, on a free
+/// loopback port, with `args` added and the environment `env` (logs quiet).
+pub fn serve(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
+    let mut c = pinned(env!("CARGO_BIN_EXE_vigie"));
+    c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .arg("--policies")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"))
+        .args(args)
+        .env("VIGIE_LOG_LEVEL", "warn,vigie::app=info")
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("start vigie");
+    let addr = address(&mut child, "listening (HTTP) addr=");
+    (child, addr)
+}
+
 pub struct Stats {
     pub rps: f64,
     pub p50: Duration,

@@ -16,7 +16,6 @@
 mod load;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -60,29 +59,16 @@ fn sink() -> String {
 }
 
 fn start(export_to: Option<&str>, data: &std::path::Path) -> (std::process::Child, String) {
-    let mut cmd = load::pinned(env!("CARGO_BIN_EXE_vigie"));
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--durability",
-        "process",
-        "--data-dir",
-    ])
-    .arg(data)
-    .arg("--policies")
-    .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"))
-    .env("VIGIE_CACHE_ENABLED", "false")
-    .env("VIGIE_LOG_LEVEL", "warn,vigie::app=info")
-    .stderr(Stdio::piped());
-    if let Some(addr) = export_to {
-        cmd.env("VIGIE_TELEMETRY_ENABLED", "true")
-            .env("VIGIE_TELEMETRY_PROTOCOL", "http/protobuf")
-            .env("VIGIE_TELEMETRY_ENDPOINT", format!("http://{addr}"));
+    let endpoint = export_to.map(|a| format!("http://{a}")).unwrap_or_default();
+    let mut env = vec![("VIGIE_CACHE_ENABLED", "false")];
+    if export_to.is_some() {
+        env.extend([
+            ("VIGIE_TELEMETRY_ENABLED", "true"),
+            ("VIGIE_TELEMETRY_PROTOCOL", "http/protobuf"),
+            ("VIGIE_TELEMETRY_ENDPOINT", endpoint.as_str()),
+        ]);
     }
-    let mut child = cmd.spawn().unwrap();
-    let addr = load::address(&mut child, "listening (HTTP) addr=");
-    (child, addr)
+    load::serve(data, &["--durability", "process"], &env)
 }
 
 fn request(i: usize) -> hyper::Request<http_body_util::Full<Bytes>> {

@@ -43,6 +43,16 @@ impl Metrics {
         self.decisions[e as usize][usize::from(allow)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Decisions over every endpoint: (allow, deny).
+    pub fn totals(&self) -> (u64, u64) {
+        self.decisions.iter().fold((0, 0), |(a, d), e| {
+            (
+                a + e[1].load(Ordering::Relaxed),
+                d + e[0].load(Ordering::Relaxed),
+            )
+        })
+    }
+
     /// Records the latency of one request (a batch counts once).
     pub fn observe(&self, e: Endpoint, d: Duration) {
         let i = e as usize;

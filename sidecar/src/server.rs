@@ -103,10 +103,12 @@ pub async fn handle(
         _ => None,
     };
     let started = std::time::Instant::now();
-    // Log lines written while answering carry the caller's trace id.
-    let trace_id = crate::telemetry::trace_id(&crate::telemetry::from_headers(req.headers()));
+    // The caller's trace context (W3C traceparent/tracestate), read once:
+    // decisions are its children, log lines carry its trace id.
+    let parent = crate::telemetry::from_headers(req.headers());
+    let trace_id = crate::telemetry::trace_id(&parent);
     let span = tracing::info_span!("request", trace_id = trace_id.as_deref().unwrap_or("-"));
-    let routed = route(&shared, req).instrument(span).await;
+    let routed = route(&shared, req, &parent).instrument(span).await;
     if let Some(e) = endpoint {
         shared.metrics.observe(e, started.elapsed());
     }
@@ -125,10 +127,12 @@ pub async fn handle(
     Ok(resp)
 }
 
-async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn route(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    parent: &opentelemetry::Context,
+) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_owned();
-    // The caller's trace context (W3C traceparent/tracestate).
-    let parent = crate::telemetry::from_headers(req.headers());
     let method = req.method().clone();
     let allowed = match path.as_str() {
         "/v1/is_authorized"
@@ -197,12 +201,12 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         "/v1/reload" => reload(shared).await,
         "/v1/is_authorized" => {
             let query: Query = read_json(shared, req).await?;
-            let answer = decide(shared, query, &parent).await?;
+            let answer = decide(shared, query, parent).await?;
             Ok(json_response(StatusCode::OK, &answer))
         }
         "/v1/is_authorized/batch" => {
             let batch: Value = read_json(shared, req).await?;
-            batch_decide(shared, batch, &parent)
+            batch_decide(shared, batch, parent)
                 .await
                 .map(|v| json_response(StatusCode::OK, &v))
         }
@@ -210,7 +214,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             let eval: authzen::Evaluation = read_json(shared, req).await?;
             let active = shared.active();
             let input = authzen::to_input(&shared.config.authzen, &active.bundle, eval)?;
-            let logged = shared.decide_logged(&active, input, &parent).await?;
+            let logged = shared.decide_logged(&active, input, parent).await?;
             shared
                 .metrics
                 .decision(Endpoint::AuthzenEvaluation, logged.outcome.allow);
@@ -218,7 +222,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
         "/access/v1/evaluations" => {
             let evals: authzen::Evaluations = read_json(shared, req).await?;
-            authzen_batch(shared, evals, &parent)
+            authzen_batch(shared, evals, parent)
                 .await
                 .map(|v| json_response(StatusCode::OK, &v))
         }
@@ -599,8 +603,8 @@ fn status(shared: &Shared) -> Value {
         "cache": cache_status(shared),
         "log": log_status(shared),
         "decisions": {
-            "allow": shared.counters.allow.load(Ordering::Relaxed),
-            "deny": shared.counters.deny.load(Ordering::Relaxed),
+            "allow": shared.metrics.totals().0,
+            "deny": shared.metrics.totals().1,
             "bad_requests": shared.counters.bad_requests.load(Ordering::Relaxed),
         },
     })
@@ -759,8 +763,8 @@ fn metrics(shared: &Shared) -> String {
          # HELP vigie_build_info Build information.\n\
          # TYPE vigie_build_info gauge\n\
          vigie_build_info{{version=\"{}\"}} 1\n",
-        c.allow.load(Ordering::Relaxed),
-        c.deny.load(Ordering::Relaxed),
+        shared.metrics.totals().0,
+        shared.metrics.totals().1,
         c.bad_requests.load(Ordering::Relaxed),
         active.epoch,
         reload.reloads,

@@ -6,7 +6,7 @@
 //! end, so a request in flight during a reload finishes on the old set.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -51,8 +51,6 @@ pub enum Reloaded {
 
 #[derive(Debug, Default)]
 pub struct Counters {
-    pub allow: AtomicU64,
-    pub deny: AtomicU64,
     pub bad_requests: AtomicU64,
 }
 
@@ -385,7 +383,6 @@ impl Shared {
                         errors: vec![e.to_string()],
                     },
                 };
-                self.count(outcome.allow);
                 Logged {
                     outcome,
                     cached,
@@ -405,14 +402,5 @@ impl Shared {
         let decided = self.decide_draft(active, input, parent)?;
         let mut out = self.log_all(vec![decided]).await;
         Ok(out.remove(0))
-    }
-
-    pub fn count(&self, allow: bool) {
-        let c = if allow {
-            &self.counters.allow
-        } else {
-            &self.counters.deny
-        };
-        c.fetch_add(1, Ordering::Relaxed);
     }
 }

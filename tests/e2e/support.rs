@@ -58,45 +58,8 @@ impl Vigie {
             .arg(policies)
             .arg("--data-dir")
             .arg(data)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("VIGIE_") {
-                cmd.env_remove(k);
-            }
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start vigie");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening (HTTP) addr=").nth(1) {
-                    let _ = tx.send(rest.trim().to_owned());
-                } else if line.contains("\"listening (HTTP)\"") {
-                    // JSON logs: {"fields":{"message":"listening (HTTP)","addr":"..."}}
-                    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                    let _ = tx.send(v["fields"]["addr"].as_str().unwrap().to_owned());
-                }
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a.parse().unwrap(),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("vigie did not start:\n{}", log.lock().unwrap());
-            }
-        };
+            .args(args);
+        let (child, addr, log) = spawn_logged(cmd, env, "listening (HTTP)");
         Vigie {
             child,
             addr,
@@ -207,7 +170,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn spawn_logged(mut cmd: Command, marker: &'static str) -> (Child, SocketAddr, Arc<Mutex<String>>) {
+/// Starts a vigie command with a clean `VIGIE_*` environment plus `env`,
+/// keeps its log, and waits for the line announcing `listening` (text or
+/// JSON logs) to learn its address.
+fn spawn_logged(
+    mut cmd: Command,
+    env: &[(&str, &str)],
+    listening: &'static str,
+) -> (Child, SocketAddr, Arc<Mutex<String>>) {
     cmd.env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -217,15 +187,24 @@ fn spawn_logged(mut cmd: Command, marker: &'static str) -> (Child, SocketAddr, A
             cmd.env_remove(k);
         }
     }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let mut child = cmd.spawn().expect("start vigie");
     let stderr = child.stderr.take().unwrap();
     let log = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = mpsc::channel();
     let sink = Arc::clone(&log);
+    let text_marker = format!("{listening} addr=");
+    let json_marker = format!("\"{listening}\"");
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split(marker).nth(1) {
+            if let Some(rest) = line.split(&text_marker).nth(1) {
                 let _ = tx.send(rest.trim().to_owned());
+            } else if line.contains(&json_marker) {
+                // JSON logs: {"fields":{"message":"listening (HTTP)","addr":"..."}}
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let _ = tx.send(v["fields"]["addr"].as_str().unwrap().to_owned());
             }
             let mut l = sink.lock().unwrap();
             l.push_str(&line);
@@ -246,7 +225,7 @@ impl Ledger {
         let mut cmd = Command::new(BIN);
         cmd.args(["ledger", "--listen", listen, "--data-dir"])
             .arg(data);
-        let (child, addr, log) = spawn_logged(cmd, "listening (ledger) addr=");
+        let (child, addr, log) = spawn_logged(cmd, &[], "listening (ledger)");
         Ledger { child, addr, log }
     }
 
