@@ -25,6 +25,7 @@ pub struct Config {
     pub audit: crate::audit::Config,
     pub ext_authz: crate::extauthz::Config,
     pub telemetry: crate::telemetry::Config,
+    pub plugins: crate::plugin::Config,
     pub log: Log,
 }
 
@@ -356,6 +357,17 @@ fn default_keys(section: &str) -> &'static [&'static str] {
             "l2_max_bytes",
             "l2_page_cache_bytes",
             "l2_trim_interval_ms",
+        ],
+        "plugins" => &[
+            "enabled",
+            "instances",
+            "max_memory_mib",
+            "stack_kib",
+            "max_wasm_mib",
+            "tick_ms",
+            "quarantine_after",
+            "quarantine_seconds",
+            "cache_dir",
         ],
         "log" => &["format", "level"],
         _ => &[],

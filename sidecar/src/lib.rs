@@ -13,6 +13,7 @@ pub mod extauthz;
 pub mod ledger;
 pub mod metrics;
 pub mod note;
+pub mod plugin;
 pub mod policy;
 pub mod policytest;
 pub mod reload;
