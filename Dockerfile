@@ -5,7 +5,11 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p vigie \
+# The example plugins are WebAssembly components (wasm32-wasip2); the
+# policies' plugins.toml finds them at ../plugins/dist.
+RUN rustup target add wasm32-wasip2 \
+ && CARGO_TARGET_DIR=/src/target ./scripts/build-plugins \
+ && cargo build --release --locked -p vigie \
  && strip target/release/vigie \
  && mkdir -p /out/var/lib/vigie /out/var/lib/vigie-ledger
 
@@ -13,6 +17,7 @@ RUN cargo build --release --locked -p vigie \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/vigie /usr/local/bin/vigie
 COPY --from=build /src/policies /etc/vigie/policies
+COPY --from=build /src/plugins/dist /etc/vigie/plugins/dist
 COPY --from=build /src/docs/envoy/vigie.toml /etc/vigie/ext_authz.toml
 # Data directories owned by the runtime user (named volumes inherit this).
 COPY --from=build --chown=65532:65532 /out/var/lib /var/lib

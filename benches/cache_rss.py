@@ -42,7 +42,9 @@ def main():
     data = tempfile.mkdtemp(prefix="vigie-rss-")
     proc = subprocess.Popen(
         [args.bin, "serve", "--listen", "127.0.0.1:0", "--policies", os.path.join(ROOT, "policies"), "--data-dir", data],
-        stderr=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("VIGIE_")},
+        stderr=subprocess.PIPE, text=True,
+        # Plugins off: the bodies carry the context attributes plugins compute.
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("VIGIE_")}, "VIGIE_PLUGINS_ENABLED": "false"},
     )
     port = None
     deadline = time.time() + 30

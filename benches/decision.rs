@@ -38,6 +38,9 @@ fn start_with(
     config.cache = cache;
     config.audit.durability = durability;
     config.audit.sidecar_id = Some("bench".into());
+    // The requests below carry the attributes plugins would compute; the
+    // `plugin/*` benches measure the plugins.
+    config.plugins.enabled = false;
     Shared::new(config, dir).unwrap()
 }
 
@@ -177,12 +180,12 @@ fn log(c: &mut Criterion) {
             r#"{"principal":"Agency::User::\"alice\"","action":"Agency::Action::\"read\"","resource":"Agency::Record::\"social-001\"","context":{"ip":"10.1.2.3"}}"#,
         )
         .unwrap();
-        let decided = shared
-            .decide_draft(
+        let decided = rt
+            .block_on(shared.decide_draft(
                 &active,
                 query.into_input().unwrap(),
                 &opentelemetry::Context::new(),
-            )
+            ))
             .unwrap();
         g.bench_function(name, |b| {
             b.iter(|| rt.block_on(shared.log_all(vec![decided.clone()])))
@@ -278,5 +281,109 @@ fn ledger(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, log, ledger);
+/// A token signed with one of the demonstration keys of `policies/plugins.toml`.
+fn signed(header: serde_json::Value, claims: serde_json::Value, seed_file: &str) -> String {
+    use base64::Engine as _;
+    use ed25519_dalek::Signer;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let seed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/keys")
+            .join(seed_file),
+    )
+    .unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(
+        &hex::decode(seed.trim()).unwrap().try_into().unwrap(),
+    );
+    let signed = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = key.sign(signed.as_bytes());
+    format!("{signed}.{}", b64(&sig.to_bytes()))
+}
+
+/// Plugins: one call of the `network` plugin (a fresh instance from the
+/// pool, small JSON in and out), and the example's four plugins on an
+/// export request (network, mfa, device and hours all apply).
+fn plugins(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.data.dir = data.path().to_path_buf();
+    config.audit.sidecar_id = Some("bench".into());
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let shared = Shared::new(config, dir)
+        .expect("the example with its plugins (run ./scripts/build-plugins)");
+    let active = shared.active();
+    let host = shared.plugin_host.clone().unwrap();
+    let now = vigie::cache::now_ms() as i64;
+    let secs = now / 1000;
+    let id_token = signed(
+        json!({"alg": "EdDSA", "kid": "idp-ed25519"}),
+        json!({"iss": "https://idp.agency.example", "aud": "vigie", "exp": secs + 3600,
+               "auth_time": secs - 60, "amr": ["pwd", "otp"], "acr": "eidas-substantial"}),
+        "idp-ed25519.seed",
+    );
+    let device_token = signed(
+        json!({"alg": "EdDSA", "kid": "mdm-2026"}),
+        json!({"sub": "laptop-42", "iat": secs - 60, "managed": true, "disk_encrypted": true,
+               "os_patch_level": "2026-11-01"}),
+        "mdm-ed25519.seed",
+    );
+    let network = active
+        .plugins
+        .plugins
+        .iter()
+        .find(|p| p.spec.name == "network")
+        .unwrap()
+        .clone();
+    let small = json!({"ip": "10.1.2.3"}).to_string();
+    let call = vigie::plugin::Call {
+        principal: "Agency::User::\"alice\"",
+        action: "Agency::Action::\"read\"",
+        resource: "Agency::Record::\"social-001\"",
+        context: &small,
+        now_unix_ms: now,
+    };
+    assert!(rt.block_on(network.call(&host, &call)).is_ok());
+    let mut g = c.benchmark_group("plugin");
+    g.bench_function("network_call", |b| {
+        b.iter(|| rt.block_on(network.call(&host, black_box(&call))).unwrap())
+    });
+    let context = json!({"ip": "10.1.2.3", "id_token": id_token, "device_token": device_token});
+    let text = context.to_string();
+    let export = vigie::plugin::Call {
+        principal: "Agency::User::\"dominique\"",
+        action: "Agency::Action::\"export\"",
+        resource: "Agency::Record::\"health-002\"",
+        context: &text,
+        now_unix_ms: now,
+    };
+    let shapes = &active.bundle.shapes;
+    let fits = |attr: &str, v: &serde_json::Value| shapes.check_attribute(export.action, attr, v);
+    let enrich = || {
+        let mut map = context.as_object().unwrap().clone();
+        let out = rt.block_on(
+            active
+                .plugins
+                .enrich(&export, "Agency::Record", &mut map, &fits),
+        );
+        assert_eq!(out.reports.len(), 4);
+        assert!(
+            out.reports.iter().all(|r| r.status == "ok"),
+            "{:?}",
+            out.reports
+        );
+        out
+    };
+    enrich();
+    g.bench_function("four_on_export", |b| b.iter(enrich));
+    g.finish();
+}
+
+criterion_group!(benches, bench, log, ledger, plugins);
 criterion_main!(benches);

@@ -44,6 +44,8 @@ pub fn address(child: &mut Child, marker: &str) -> String {
 
 /// `vigie serve` on the example policies, pinned to core 0, on a free
 /// loopback port, with `args` added and the environment `env` (logs quiet).
+/// Plugins are off unless `env` turns them on: the bodies these benches
+/// send carry the context attributes plugins would compute.
 pub fn serve(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
     let mut c = pinned(env!("CARGO_BIN_EXE_vigie"));
     c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -52,6 +54,7 @@ pub fn serve(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (Ch
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"))
         .args(args)
         .env("VIGIE_LOG_LEVEL", "warn,vigie::app=info")
+        .env("VIGIE_PLUGINS_ENABLED", "false")
         .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped());
     let mut child = c.spawn().expect("start vigie");

@@ -27,6 +27,7 @@ TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/vigie-t
 def start(binary, durability, data):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIE_")}
     env["VIGIE_CACHE_ENABLED"] = "false"
+    env["VIGIE_PLUGINS_ENABLED"] = "false"
     proc = subprocess.Popen(
         [binary, "serve", "--listen", "127.0.0.1:0", "--policies", os.path.join(ROOT, "policies"),
          "--data-dir", data, "--durability", durability, "--sidecar-id", "bench"],

@@ -33,11 +33,42 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Verify a ledger's (or an export's) signatures, chains and checkpoint offline.
     Verify(VerifyArgs),
+    /// Work on context plugins: `vigie plugin run PLUGIN.wasm --request FILE`.
+    Plugin {
+        #[command(subcommand)]
+        action: PluginAction,
+    },
     /// Exit 0 if the URL answers 200 (a container health check with no shell).
     Health {
         /// e.g. `http://127.0.0.1:8190/readyz`
         url: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginAction {
+    /// Run one plugin on one request; print its attributes, time and peak memory.
+    Run(PluginRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PluginRunArgs {
+    /// The plugin (a WebAssembly component).
+    pub wasm: PathBuf,
+    /// A request as for `POST /v1/is_authorized` (JSON: principal, action,
+    /// resource, context).
+    #[arg(long, value_name = "FILE")]
+    pub request: PathBuf,
+    /// The plugin's configuration (JSON). Default `{}`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Run as if it were this time (RFC 3339), instead of now.
+    #[arg(long, value_name = "TIME")]
+    pub now: Option<String>,
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub timeout_ms: u64,
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    pub memory_mib: u32,
 }
 
 #[derive(Debug, Args)]
@@ -304,12 +335,30 @@ pub fn check(dir: &Path, validation: Validation) -> bool {
             for w in &bundle.warnings {
                 eprintln!("{w}");
             }
+            // Plugins: read, checked against the allow-list and compiled.
+            if !bundle.plugins.is_empty() {
+                let loaded = crate::plugin::Host::new(&crate::plugin::Config::default(), None)
+                    .map_err(|e| vec![e])
+                    .and_then(|host| {
+                        host.load(&bundle.plugins)
+                            .map(|_| ())
+                            .map_err(|errors| errors.iter().map(plugin_problem).collect())
+                    });
+                if let Err(problems) = loaded {
+                    for p in &problems {
+                        println!("{p}");
+                    }
+                    eprintln!("{} problem(s) found", problems.len());
+                    return false;
+                }
+            }
             println!(
-                "ok: {} policies, {} templates, {} links, {} entities (hash {})",
+                "ok: {} policies, {} templates, {} links, {} entities, {} plugins (hash {})",
                 bundle.counts.policies,
                 bundle.counts.templates,
                 bundle.counts.links,
                 bundle.counts.entities,
+                bundle.counts.plugins,
                 &bundle.hash[..16]
             );
             true
@@ -320,6 +369,105 @@ pub fn check(dir: &Path, validation: Validation) -> bool {
             }
             eprintln!("{} problem(s) found", problems.0.len());
             false
+        }
+    }
+}
+
+fn plugin_problem(e: &crate::plugin::LoadError) -> String {
+    format!("{}:1: plugin `{}`: {}", e.origin, e.name, e.message)
+}
+
+/// `vigie plugin run`: prints the plugin's answer; `Ok(false)` when it
+/// failed.
+pub fn plugin_run(args: &PluginRunArgs) -> anyhow::Result<bool> {
+    use anyhow::Context as _;
+    let request: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&args.request)
+            .with_context(|| format!("cannot read {}", args.request.display()))?,
+    )
+    .with_context(|| format!("{}: not JSON", args.request.display()))?;
+    let uid = |field: &str| -> anyhow::Result<String> {
+        let v = request.get(field).cloned().unwrap_or_default();
+        crate::engine::parse_uid(&v)
+            .map(|u| u.to_string())
+            .map_err(|e| anyhow::anyhow!("{}: `{field}`: {e}", args.request.display()))
+    };
+    let (principal, action, resource) = (uid("principal")?, uid("action")?, uid("resource")?);
+    let context = request
+        .get("context")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
+    let config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not JSON", path.display()))?;
+            v.to_string()
+        }
+        None => "{}".into(),
+    };
+    let now_unix_ms = match &args.now {
+        Some(t) => crate::audit::parse_rfc3339_ms(t).map_err(|e| anyhow::anyhow!("--now: {e}"))?,
+        None => crate::cache::now_ms() as i64,
+    };
+    let spec = crate::plugin::Spec::standalone(
+        &args.wasm,
+        config,
+        std::time::Duration::from_millis(args.timeout_ms),
+        args.memory_mib,
+    );
+    let mut sandbox = crate::plugin::Config::default();
+    sandbox.max_memory_mib = sandbox.max_memory_mib.max(args.memory_mib);
+    let host = crate::plugin::Host::new(&sandbox, None).map_err(|e| anyhow::anyhow!(e))?;
+    let loaded = std::time::Instant::now();
+    let set = host.load(std::slice::from_ref(&spec)).map_err(|e| {
+        anyhow::anyhow!(e
+            .iter()
+            .map(|e| e.message.clone())
+            .collect::<Vec<_>>()
+            .join("; "))
+    })?;
+    let compile = loaded.elapsed();
+    let plugin = set.plugins[0].clone();
+    let context_text = context.to_string();
+    let call = crate::plugin::Call {
+        principal: &principal,
+        action: &action,
+        resource: &resource,
+        context: &context_text,
+        now_unix_ms,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Once to warm up (first-touch page faults), then the measured call.
+    let _ = rt.block_on(plugin.call(&host, &call));
+    let started = std::time::Instant::now();
+    let result = rt.block_on(plugin.call(&host, &call));
+    let took = started.elapsed();
+    match result {
+        Ok(called) => {
+            let out = serde_json::json!({
+                "attributes": called.attributes,
+                "ttl_ms": called.ttl_ms,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            eprintln!(
+                "time: {:.1} µs (compile/load {:.1} ms), peak memory: {} KiB",
+                took.as_secs_f64() * 1e6,
+                compile.as_secs_f64() * 1e3,
+                called.peak_memory_bytes / 1024
+            );
+            Ok(true)
+        }
+        Err(fault) => {
+            println!(
+                "{}",
+                serde_json::json!({"error": fault.to_string(), "kind": fault.kind()})
+            );
+            eprintln!("time: {:.1} µs", took.as_secs_f64() * 1e6);
+            Ok(false)
         }
     }
 }

@@ -375,6 +375,7 @@ fn map(
             epoch: 0,
             policy_hash: String::new(),
             cached: false,
+            plugins: Vec::new(),
             trace_id: None,
         };
         Ok(Err((u, draft)))
@@ -572,7 +573,7 @@ impl Authorization for Service {
         let ns = active.bundle.namespace.clone();
         let mapped = map(&self.shared.config.ext_authz, ns.as_deref(), &req)?;
         let (logged, reason) = match mapped {
-            Ok(m) => match self.shared.decide_draft(&active, m.input, &parent) {
+            Ok(m) => match self.shared.decide_draft(&active, m.input, &parent).await {
                 Ok(decided) => {
                     let logged = self.shared.log_all(vec![decided]).await.remove(0);
                     let reason = logged.outcome.reasons.join(",");
@@ -593,6 +594,7 @@ impl Authorization for Service {
                         epoch: active.epoch,
                         policy_hash: active.bundle.hash.clone(),
                         cached: false,
+                        plugins: Vec::new(),
                         trace_id: crate::telemetry::trace_id(&parent),
                     };
                     (

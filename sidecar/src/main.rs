@@ -33,6 +33,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check(args) => exit(cli::check(&args.dir, args.validation)),
         Command::Test(args) => exit(cli::test(&args.dir, args.validation)),
+        Command::Plugin {
+            action: cli::PluginAction::Run(args),
+        } => match cli::plugin_run(&args) {
+            Ok(ok) => exit(ok),
+            Err(e) => {
+                eprintln!("vigie: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::Health { url } => {
             let agent = ureq::AgentBuilder::new()
                 .timeout(std::time::Duration::from_secs(3))

@@ -93,6 +93,9 @@ pub struct Bundle {
     pub shapes: crate::shape::Shapes,
     pub counts: Counts,
     pub warnings: Vec<Problem>,
+    /// The plugins of `plugins.toml`, checked against the schema (compiled
+    /// by [`crate::plugin::Host::load`]).
+    pub plugins: Vec<crate::plugin::Spec>,
 }
 
 impl fmt::Debug for Bundle {
@@ -111,6 +114,7 @@ pub struct Counts {
     pub templates: usize,
     pub links: usize,
     pub entities: usize,
+    pub plugins: usize,
 }
 
 /// A file read from the directory, kept whole so that byte offsets from
@@ -439,6 +443,45 @@ pub fn load(dir: &Path, validation: Validation) -> Result<Bundle, Problems> {
     };
     counts.entities = entities.len();
 
+    // Plugins (`plugins.toml`), checked against the schema. Their file and
+    // the bytes of every `.wasm` are part of the hash: a cached decision
+    // never outlives the plugin that helped make it.
+    let plugins = match (&schema, dir.join(crate::plugin::SPECS_FILE).exists()) {
+        (_, false) => Vec::new(),
+        (None, true) => {
+            problems.push(Problem {
+                file: crate::plugin::SPECS_FILE.into(),
+                line: 1,
+                col: 1,
+                message: "plugins need a schema that declares their context attributes".into(),
+            });
+            Vec::new()
+        }
+        (Some(schema), true) => {
+            let view = SchemaView {
+                schema,
+                shapes: &shapes,
+                namespace: namespace.as_deref(),
+            };
+            match crate::plugin::specs(dir, &view) {
+                Ok(specs) => specs,
+                Err(mut p) => {
+                    problems.append(&mut p);
+                    Vec::new()
+                }
+            }
+        }
+    };
+    if let Ok(text) = std::fs::read(dir.join(crate::plugin::SPECS_FILE)) {
+        hasher.update(b"plugins.toml");
+        hasher.update((text.len() as u64).to_le_bytes());
+        hasher.update(&text);
+        for p in &plugins {
+            hasher.update(p.wasm_hash.as_bytes());
+        }
+    }
+    counts.plugins = plugins.len();
+
     if !problems.is_empty() {
         return Err(Problems(problems));
     }
@@ -458,7 +501,42 @@ pub fn load(dir: &Path, validation: Validation) -> Result<Bundle, Problems> {
         shapes,
         counts,
         warnings,
+        plugins,
     })
+}
+
+/// The schema as the plugin loader sees it.
+struct SchemaView<'a> {
+    schema: &'a Schema,
+    shapes: &'a crate::shape::Shapes,
+    namespace: Option<&'a str>,
+}
+
+impl crate::plugin::SchemaView for SchemaView<'_> {
+    fn actions(&self) -> Vec<(String, Vec<String>)> {
+        self.schema
+            .actions()
+            .map(|a| {
+                let resources = self
+                    .schema
+                    .resources_for_action(a)
+                    .map(|r| r.map(|t| t.to_string()).collect())
+                    .unwrap_or_default();
+                (a.to_string(), resources)
+            })
+            .collect()
+    }
+
+    fn declares(&self, action: &str, attr: &str) -> bool {
+        self.shapes.declares(action, attr)
+    }
+
+    fn qualify(&self, name: &str) -> String {
+        match self.namespace {
+            Some(ns) if !ns.is_empty() => format!("{ns}::{name}"),
+            _ => name.to_owned(),
+        }
+    }
 }
 
 /// The policies that can apply to each action (see [`Bundle::slices`]).

@@ -180,7 +180,8 @@ async fn route(
             metrics(shared)
                 + &shared.metrics.render()
                 + &cache_metrics(shared)
-                + &log_metrics(shared),
+                + &log_metrics(shared)
+                + &plugin_metrics(shared),
         )),
         "/.well-known/authzen-configuration" => {
             let host = req
@@ -403,12 +404,14 @@ async fn batch_decide(
                     err.at(format!("{prefix}.{path}"))
                 }
             })
-            .and_then(|q| q.into_input().map_err(|e| ApiError::from(e.under(&prefix))))
-            .and_then(|input| {
-                shared
-                    .decide_draft(&active, input, parent)
-                    .map_err(|e| ApiError::from(e.under(&prefix)))
-            });
+            .and_then(|q| q.into_input().map_err(|e| ApiError::from(e.under(&prefix))));
+        let result = match result {
+            Ok(input) => shared
+                .decide_draft(&active, input, parent)
+                .await
+                .map_err(|e| ApiError::from(e.under(&prefix))),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(d) => {
                 slots.push(Ok(decided.len()));
@@ -472,8 +475,11 @@ async fn authzen_batch(
         let result = item
             .over(&req.defaults)
             .complete()
-            .and_then(|e| authzen::to_input(&shared.config.authzen, &active.bundle, e))
-            .and_then(|input| shared.decide_draft(&active, input, parent));
+            .and_then(|e| authzen::to_input(&shared.config.authzen, &active.bundle, e));
+        let result = match result {
+            Ok(input) => shared.decide_draft(&active, input, parent).await,
+            Err(e) => Err(e),
+        };
         match result {
             Ok(d) if semantic == Semantic::ExecuteAll => {
                 slots.push(Ok(decided.len()));
@@ -602,6 +608,7 @@ fn status(shared: &Shared) -> Value {
         },
         "cache": cache_status(shared),
         "log": log_status(shared),
+        "plugins": plugin_status(shared, &active),
         "decisions": {
             "allow": shared.metrics.totals().0,
             "deny": shared.metrics.totals().1,
@@ -696,6 +703,94 @@ fn log_metrics(shared: &Shared) -> String {
         l(&s.records),
         l(&s.failures),
     )
+}
+
+fn plugin_status(shared: &Shared, active: &crate::state::Active) -> Value {
+    let loaded: Vec<Value> = active
+        .plugins
+        .plugins
+        .iter()
+        .map(|p| {
+            let s = &p.stats;
+            let faults = s.faults.lock().map(|f| f.clone()).unwrap_or_default();
+            let calls = s.ok.load(Ordering::Relaxed) + faults.values().sum::<u64>();
+            json!({
+                "name": p.spec.name,
+                "path": p.spec.path.display().to_string(),
+                "sha256": p.spec.wasm_hash,
+                "actions": p.spec.actions,
+                "timeout_ms": p.spec.timeout.as_millis() as u64,
+                "memory_mib": p.spec.memory_bytes >> 20,
+                "failure": p.spec.failure,
+                "quarantined": s.quarantined.load(Ordering::Relaxed),
+                "quarantines": s.quarantines.load(Ordering::Relaxed),
+                "ok": s.ok.load(Ordering::Relaxed),
+                "faults": faults,
+                "mean_us": if calls == 0 { 0.0 } else { s.nanos.load(Ordering::Relaxed) as f64 / calls as f64 / 1e3 },
+                "log_lines": s.log_lines.load(Ordering::Relaxed),
+                "log_dropped": s.log_dropped.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    json!({
+        "enabled": shared.plugin_host.is_some(),
+        "loaded": loaded,
+    })
+}
+
+/// Per plugin: calls by result, time in calls, quarantine, log lines.
+fn plugin_metrics(shared: &Shared) -> String {
+    let Some(host) = &shared.plugin_host else {
+        return String::new();
+    };
+    let stats = host.all_stats();
+    let mut out = String::from(
+        "# HELP vigie_plugin_calls_total Plugin calls, by plugin and result (ok or the fault).\n\
+         # TYPE vigie_plugin_calls_total counter\n",
+    );
+    for (name, s) in &stats {
+        out += &format!(
+            "vigie_plugin_calls_total{{plugin=\"{name}\",result=\"ok\"}} {}\n",
+            s.ok.load(Ordering::Relaxed)
+        );
+        for (kind, n) in s.faults.lock().map(|f| f.clone()).unwrap_or_default() {
+            out +=
+                &format!("vigie_plugin_calls_total{{plugin=\"{name}\",result=\"{kind}\"}} {n}\n");
+        }
+    }
+    out += "# HELP vigie_plugin_call_seconds_total Time spent in plugin calls (instantiation included).\n\
+            # TYPE vigie_plugin_call_seconds_total counter\n";
+    for (name, s) in &stats {
+        out += &format!(
+            "vigie_plugin_call_seconds_total{{plugin=\"{name}\"}} {}\n",
+            s.nanos.load(Ordering::Relaxed) as f64 / 1e9
+        );
+    }
+    out += "# HELP vigie_plugin_quarantined Whether the plugin is quarantined now.\n\
+            # TYPE vigie_plugin_quarantined gauge\n";
+    for (name, s) in &stats {
+        out += &format!(
+            "vigie_plugin_quarantined{{plugin=\"{name}\"}} {}\n",
+            u8::from(s.quarantined.load(Ordering::Relaxed))
+        );
+    }
+    out += "# HELP vigie_plugin_log_lines_total Log lines written by plugins.\n\
+            # TYPE vigie_plugin_log_lines_total counter\n";
+    for (name, s) in &stats {
+        out += &format!(
+            "vigie_plugin_log_lines_total{{plugin=\"{name}\"}} {}\n",
+            s.log_lines.load(Ordering::Relaxed)
+        );
+    }
+    out += "# HELP vigie_plugin_log_lines_dropped_total Plugin log lines dropped by the per-call and rate caps.\n\
+            # TYPE vigie_plugin_log_lines_dropped_total counter\n";
+    for (name, s) in &stats {
+        out += &format!(
+            "vigie_plugin_log_lines_dropped_total{{plugin=\"{name}\"}} {}\n",
+            s.log_dropped.load(Ordering::Relaxed)
+        );
+    }
+    out
 }
 
 fn cache_metrics(shared: &Shared) -> String {

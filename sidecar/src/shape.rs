@@ -70,6 +70,33 @@ impl Shapes {
         self.check(context, ty, "context".to_owned(), 0)
     }
 
+    /// Whether `action`'s context type declares attribute `attr`.
+    pub fn declares(&self, action: &str, attr: &str) -> bool {
+        self.contexts
+            .get(action)
+            .and_then(|ty| self.resolve(ty))
+            .and_then(|ty| ty.get("attributes"))
+            .and_then(|attrs| attrs.get(attr))
+            .is_some()
+    }
+
+    /// Where `value` does not fit the type of `context.<attr>` for `action`
+    /// (`None` when it fits, or when nothing is known about it).
+    pub fn check_attribute(
+        &self,
+        action: &str,
+        attr: &str,
+        value: &Value,
+    ) -> Option<(String, String)> {
+        let ty = self
+            .contexts
+            .get(action)
+            .and_then(|ty| self.resolve(ty))?
+            .get("attributes")?
+            .get(attr)?;
+        self.check(value, ty, format!("context.{attr}"), 0)
+    }
+
     /// The Cedar context for `action`, built from JSON with the schema's
     /// types; `None` when anything is unexpected (let Cedar's parser say what).
     pub fn context(&self, action: &str, context: &Value) -> Option<Context> {

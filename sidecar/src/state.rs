@@ -18,6 +18,7 @@ use crate::cache::{self, Cache};
 use crate::config::Config;
 use crate::engine::{Engine, Input, InputError, Outcome};
 use crate::note::KeyPair;
+use crate::plugin;
 use crate::policy::{self, Bundle, Problem, Problems};
 use crate::telemetry;
 
@@ -25,6 +26,8 @@ use crate::telemetry;
 #[derive(Debug)]
 pub struct Active {
     pub bundle: Bundle,
+    /// The bundle's plugins, compiled.
+    pub plugins: plugin::Set,
     /// 1 for the bundle loaded at start, +1 for each reload that changed it.
     pub epoch: u64,
     pub loaded_at: SystemTime,
@@ -72,6 +75,8 @@ pub enum StartError {
     Key(#[from] crate::note::NoteError),
     #[error("the decision log cannot be opened: {0}")]
     Outbox(#[from] outbox::AuditError),
+    #[error("{0}")]
+    Plugins(String),
 }
 
 /// What a logged decision resolves to.
@@ -80,6 +85,44 @@ pub struct Logged {
     pub outcome: Outcome,
     pub cached: bool,
     pub decision_id: String,
+}
+
+/// Compiles the bundle's plugins. With plugins disabled, none run, and the
+/// attributes they would set may come from the caller.
+fn load_plugins(
+    host: Option<&Arc<plugin::Host>>,
+    bundle: &Bundle,
+) -> Result<plugin::Set, Vec<Problem>> {
+    match host {
+        None => {
+            if !bundle.plugins.is_empty() {
+                tracing::warn!(
+                    plugins = bundle.plugins.len(),
+                    "plugins are disabled (plugins.enabled = false): plugins.toml is ignored"
+                );
+            }
+            Ok(plugin::Set::default())
+        }
+        Some(host) => host.load(&bundle.plugins).map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| {
+                    let line = e
+                        .origin
+                        .rsplit(':')
+                        .next()
+                        .and_then(|l| l.parse().ok())
+                        .unwrap_or(1);
+                    Problem {
+                        file: plugin::SPECS_FILE.into(),
+                        line,
+                        col: 1,
+                        message: format!("plugin `{}`: {}", e.name, e.message),
+                    }
+                })
+                .collect()
+        }),
+    }
 }
 
 /// The host name, the default sidecar id.
@@ -98,6 +141,8 @@ pub struct Shared {
     pub engine: Engine,
     pub cache: Cache,
     pub log: Log,
+    /// The wasmtime host; `None` when plugins are disabled.
+    pub plugin_host: Option<Arc<plugin::Host>>,
     active: ArcSwap<Active>,
     status: Mutex<ReloadStatus>,
     /// Serializes reloads (watcher and `POST /v1/reload`).
@@ -168,14 +213,28 @@ impl Shared {
             tracing::warn!("{w}");
         }
         let cache = Cache::open(config.cache.clone(), &config.data.dir);
+        let plugin_host = if config.plugins.enabled {
+            let dir = config
+                .plugins
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| config.data.dir.join("plugin-cache"));
+            Some(plugin::Host::new(&config.plugins, Some(&dir)).map_err(StartError::Plugins)?)
+        } else {
+            None
+        };
+        let plugins = load_plugins(plugin_host.as_ref(), &bundle)
+            .map_err(|p| StartError::Plugins(Problems(p).to_string()))?;
         Ok(Arc::new(Self {
             config,
             policy_dir,
             engine: Engine::new(),
             cache,
             log,
+            plugin_host,
             active: ArcSwap::from_pointee(Active {
                 bundle,
+                plugins,
                 epoch: 1,
                 loaded_at: SystemTime::now(),
             }),
@@ -201,7 +260,11 @@ impl Shared {
     /// call it off the async runtime.
     pub fn reload(&self) -> Result<Reloaded, Problems> {
         let _guard = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let result = policy::load(&self.policy_dir, self.config.policies.validation);
+        let result =
+            policy::load(&self.policy_dir, self.config.policies.validation).and_then(|bundle| {
+                let plugins = load_plugins(self.plugin_host.as_ref(), &bundle).map_err(Problems)?;
+                Ok((bundle, plugins))
+            });
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         status.last_attempt = Some(SystemTime::now());
         match result {
@@ -214,7 +277,7 @@ impl Shared {
                 );
                 Err(problems)
             }
-            Ok(bundle) => {
+            Ok((bundle, plugins)) => {
                 status.last_error = None;
                 let current = self.active.load();
                 if current.bundle.hash == bundle.hash {
@@ -233,6 +296,7 @@ impl Shared {
                 );
                 self.active.store(Arc::new(Active {
                     bundle,
+                    plugins,
                     epoch,
                     loaded_at: SystemTime::now(),
                 }));
@@ -255,45 +319,121 @@ impl Shared {
         evaluated
     }
 
-    /// Answers from the cache, or evaluates and caches. Returns the outcome
-    /// and whether it came from the cache. `active` is the request's snapshot.
-    pub fn decide(&self, active: &Active, input: Input) -> Result<(Outcome, bool), InputError> {
-        if !self.cache.enabled() {
-            return self
-                .engine
-                .decide(&active.bundle, input)
-                .map(|o| (o, false));
+    /// Answers from the cache, or runs the plugins that apply, evaluates and
+    /// caches. Returns the outcome, whether it came from the cache, and what
+    /// each plugin did. `active` is the request's snapshot.
+    pub async fn decide(
+        &self,
+        active: &Active,
+        mut input: Input,
+    ) -> Result<(Outcome, bool, Vec<plugin::Report>), InputError> {
+        let resource_type = input.resource.type_name().to_string();
+        let action = input.action.to_string();
+        let plugins = &active.plugins;
+        let run_plugins = !plugins.is_empty() && plugins.any_applies(&action, &resource_type);
+        if !plugins.is_empty() {
+            // The attributes a plugin owns come from the plugin only.
+            if let Some(obj) = input.context.as_object() {
+                if let Some(attr) = obj.keys().find(|k| plugins.owns(k)) {
+                    return Err(InputError::new(
+                        "plugin_attribute",
+                        format!("{}.{attr}", input.paths.context),
+                        format!(
+                            "`{attr}` is set by the plugin of that name; a caller may not set it"
+                        ),
+                    ));
+                }
+            }
         }
-        // INVARIANT: only valid requests are ever cached, so a hit needs no
-        // validation: the same input on the same bundle validated before.
-        let key = cache::key(&active.bundle.hash, &input);
+        let key = self
+            .cache
+            .enabled()
+            .then(|| cache::key(&active.bundle.hash, &input));
         let now = cache::now_ms();
-        if let Some((entry, _tier)) = self.cache.get(&key, now) {
-            return Ok((entry.outcome(), true));
+        if let Some(key) = &key {
+            // INVARIANT: only valid requests are ever cached, so a hit needs
+            // no validation: the same input on the same bundle validated
+            // before.
+            if let Some((entry, _tier)) = self.cache.get(key, now) {
+                return Ok((entry.outcome(), true, Vec::new()));
+            }
         }
-        let outcome = self.evaluate(active, input)?;
-        self.cache.put(
-            key,
-            cache::Entry {
-                expires_ms: now + self.cache.ttl().as_millis() as u64,
-                allow: outcome.allow,
-                reasons: outcome.reasons.clone(),
-                errors: outcome.errors.clone(),
-            },
-        );
-        Ok((outcome, false))
+        let mut enriched = plugin::Enriched::default();
+        if run_plugins {
+            // A context the schema refuses is the caller's fault (400), not
+            // something for the plugins to fail on.
+            if let Some((path, what)) = active.bundle.shapes.locate(&action, &input.context) {
+                let path = path.replacen("context", input.paths.context, 1);
+                return Err(InputError::new(
+                    "invalid_context",
+                    path.clone(),
+                    format!("`{path}`: {what}"),
+                ));
+            }
+            let context_text = input.context.to_string();
+            let principal = input.principal.to_string();
+            let resource = input.resource.to_string();
+            let call = plugin::Call {
+                principal: &principal,
+                action: &action,
+                resource: &resource,
+                context: &context_text,
+                now_unix_ms: now as i64,
+            };
+            let mut map = match std::mem::take(&mut input.context) {
+                serde_json::Value::Object(m) => m,
+                _ => serde_json::Map::new(),
+            };
+            let shapes = &active.bundle.shapes;
+            let fits = |attr: &str, value: &serde_json::Value| {
+                shapes.check_attribute(&action, attr, value)
+            };
+            enriched = plugins.enrich(&call, &resource_type, &mut map, &fits).await;
+            input.context = serde_json::Value::Object(map);
+            if let Some((allow, reason, error)) = enriched.verdict.take() {
+                // The failure mode decides; nothing is cached.
+                let outcome = Outcome {
+                    allow,
+                    reasons: vec![reason],
+                    errors: vec![error],
+                };
+                return Ok((outcome, false, enriched.reports));
+            }
+        }
+        let mut outcome = if key.is_some() {
+            self.evaluate(active, input)?
+        } else {
+            self.engine.decide(&active.bundle, input)?
+        };
+        outcome.errors.append(&mut enriched.skipped);
+        if let Some(key) = key {
+            let ttl = self.cache.ttl().as_millis() as u64;
+            let ttl = enriched.ttl_ms.map_or(ttl, |t| t.min(ttl));
+            if ttl > 0 {
+                self.cache.put(
+                    key,
+                    cache::Entry {
+                        expires_ms: now + ttl,
+                        allow: outcome.allow,
+                        reasons: outcome.reasons.clone(),
+                        errors: outcome.errors.clone(),
+                    },
+                );
+            }
+        }
+        Ok((outcome, false, enriched.reports))
     }
 
     /// Decides (from the cache or the engine) and drafts the decision's
     /// record. Nothing is answered before the record is logged: see
     /// [`Shared::log_all`].
-    pub fn decide_draft(
+    pub async fn decide_draft(
         &self,
         active: &Active,
         input: Input,
         parent: &opentelemetry::Context,
     ) -> Result<(Outcome, bool, Draft), InputError> {
-        use opentelemetry::trace::SpanKind;
+        use opentelemetry::trace::{FutureExt, SpanKind};
         use opentelemetry::KeyValue;
         let principal = input.principal.to_string();
         let action = input.action.to_string();
@@ -308,11 +448,8 @@ impl Shared {
         // cache miss) is its child.
         let span = telemetry::start("vigie.decision", SpanKind::Server, parent);
         let trace_id = telemetry::trace_id(&span);
-        let decided = {
-            let _in_span = span.clone().attach();
-            self.decide(active, input)
-        };
-        let (outcome, cached) = match decided {
+        let decided = self.decide(active, input).with_context(span.clone()).await;
+        let (outcome, cached, reports) = match decided {
             Ok(d) => d,
             Err(e) => {
                 telemetry::end_decision(&span, vec![KeyValue::new("vigie.error", e.code)]);
@@ -320,22 +457,27 @@ impl Shared {
             }
         };
         let decision_id = uuid::Uuid::now_v7().to_string();
-        telemetry::end_decision(
-            &span,
-            vec![
-                KeyValue::new(
-                    "vigie.decision",
-                    if outcome.allow { "Allow" } else { "Deny" },
-                ),
-                KeyValue::new("vigie.policy_ids", outcome.reasons.join(",")),
-                KeyValue::new("vigie.principal_type", types.0),
-                KeyValue::new("vigie.action", action.clone()),
-                KeyValue::new("vigie.resource_type", types.1),
-                KeyValue::new("vigie.cache_hit", cached),
-                KeyValue::new("vigie.decision_id", decision_id.clone()),
-                KeyValue::new("vigie.policy_epoch", active.epoch as i64),
-            ],
-        );
+        let mut attributes = vec![
+            KeyValue::new(
+                "vigie.decision",
+                if outcome.allow { "Allow" } else { "Deny" },
+            ),
+            KeyValue::new("vigie.policy_ids", outcome.reasons.join(",")),
+            KeyValue::new("vigie.principal_type", types.0),
+            KeyValue::new("vigie.action", action.clone()),
+            KeyValue::new("vigie.resource_type", types.1),
+            KeyValue::new("vigie.cache_hit", cached),
+            KeyValue::new("vigie.decision_id", decision_id.clone()),
+            KeyValue::new("vigie.policy_epoch", active.epoch as i64),
+        ];
+        if !reports.is_empty() {
+            let summary: Vec<String> = reports
+                .iter()
+                .map(|r| format!("{}={}", r.name, r.status))
+                .collect();
+            attributes.push(KeyValue::new("vigie.plugins", summary.join(",")));
+        }
+        telemetry::end_decision(&span, attributes);
         tracing::debug!(
             decision_id = %decision_id,
             decision = if outcome.allow { "Allow" } else { "Deny" },
@@ -357,6 +499,7 @@ impl Shared {
             epoch: active.epoch,
             policy_hash: active.bundle.hash.clone(),
             cached,
+            plugins: reports.iter().map(plugin::Report::to_json).collect(),
         };
         Ok((outcome, cached, draft))
     }
@@ -399,7 +542,7 @@ impl Shared {
         input: Input,
         parent: &opentelemetry::Context,
     ) -> Result<Logged, InputError> {
-        let decided = self.decide_draft(active, input, parent)?;
+        let decided = self.decide_draft(active, input, parent).await?;
         let mut out = self.log_all(vec![decided]).await;
         Ok(out.remove(0))
     }

@@ -349,7 +349,7 @@ fn health_status_and_metrics() {
     );
     let s = v.get("/v1/status").json();
     assert_eq!(s["policy"]["epoch"], 1);
-    assert_eq!(s["policy"]["policies"], 16);
+    assert_eq!(s["policy"]["policies"], 17);
     assert_eq!(s["policy"]["templates"], 1);
     assert_eq!(s["policy"]["links"], 1);
     assert_eq!(s["policy"]["namespace"], "Agency");

@@ -18,7 +18,7 @@ fn check_accepts_the_example() {
     let (code, out, _) = run(&["check", example_policies().to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.starts_with("ok: 16 policies, 1 templates, 1 links"),
+        out.starts_with("ok: 17 policies, 1 templates, 1 links, 36 entities, 4 plugins"),
         "{out}"
     );
 }

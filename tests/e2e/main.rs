@@ -11,6 +11,7 @@ mod deploy;
 mod differential;
 mod extauthz;
 mod log;
+mod plugins;
 mod reload;
 mod support;
 mod telemetry;

@@ -50,7 +50,16 @@ impl Vigie {
     }
 
     /// As [`Vigie::start`], with a data directory that outlives the process.
+    ///
+    /// Plugins are off unless `env` turns them on (`VIGIE_PLUGINS_ENABLED`):
+    /// the tests of everything else give the context attributes plugins
+    /// would compute themselves. `plugins.rs` tests the plugins.
     pub fn start_in(policies: &Path, data: &Path, args: &[&str], env: &[(&str, &str)]) -> Vigie {
+        let mut env = env.to_vec();
+        if !env.iter().any(|(k, _)| *k == "VIGIE_PLUGINS_ENABLED") {
+            env.insert(0, ("VIGIE_PLUGINS_ENABLED", "false"));
+        }
+        let env = env.as_slice();
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0"])
@@ -97,6 +106,10 @@ impl Vigie {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {

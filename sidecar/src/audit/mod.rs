@@ -145,6 +145,8 @@ pub struct Draft {
     pub cached: bool,
     /// The caller's (or this decision's) W3C trace id, hex.
     pub trace_id: Option<String>,
+    /// What each plugin did ([`crate::plugin::Report::to_json`]).
+    pub plugins: Vec<Value>,
 }
 
 /// The fields every record shares.
@@ -180,7 +182,7 @@ impl Draft {
             "decision": if self.allow { "Allow" } else { "Deny" },
             "reasons": self.reasons,
             "errors": self.errors,
-            "plugins": [],
+            "plugins": self.plugins,
             "policy": {"epoch": self.epoch, "hash": self.policy_hash},
             "trace_id": self.trace_id,
             "cached": self.cached,
@@ -238,6 +240,53 @@ pub fn rfc3339_nanos(t: SystemTime) -> String {
     )
 }
 
+/// Milliseconds since the Unix epoch of an RFC 3339 time
+/// (`2026-07-14T10:00:00+02:00`, `2026-07-14T08:00:00.5Z`).
+pub fn parse_rfc3339_ms(text: &str) -> Result<i64, String> {
+    let bad = || format!("`{text}` is not an RFC 3339 time (2026-07-14T10:00:00+02:00)");
+    let b = text.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+        text.get(r).and_then(|s| s.parse().ok()).ok_or_else(bad)
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut rest = &text[19..];
+    let mut ms = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        let padded = format!("{:0<3}", &frac[..digits.min(3)]);
+        ms = padded.parse::<i64>().map_err(|_| bad())?;
+        rest = &frac[digits..];
+    }
+    let offset_min = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            let oh: i64 = rest[1..3].parse().map_err(|_| bad())?;
+            let om: i64 = rest[4..6].parse().map_err(|_| bad())?;
+            sign * (oh * 60 + om)
+        }
+        _ => return Err(bad()),
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return Err(bad());
+    }
+    let days = days_from_civil(y, mo as u32, d as u32);
+    Ok(((days * 86_400 + h * 3600 + mi * 60 + s - offset_min * 60) * 1000) + ms)
+}
+
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
 /// (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -257,6 +306,21 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn rfc3339_parses_offsets() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(
+            parse_rfc3339_ms("2026-07-14T10:00:00+02:00"),
+            parse_rfc3339_ms("2026-07-14T08:00:00Z")
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-11-28T00:00:00.25Z"),
+            Ok(1_795_824_000_250)
+        );
+        assert!(parse_rfc3339_ms("2026-11-28").is_err());
+        assert!(parse_rfc3339_ms("2026-13-28T00:00:00Z").is_err());
+    }
 
     #[test]
     fn timestamps_are_rfc3339_with_nanoseconds() {
@@ -298,6 +362,7 @@ mod tests {
             epoch: 1,
             policy_hash: "h".into(),
             cached: false,
+            plugins: Vec::new(),
             trace_id: None,
         };
         let stamp = Stamp {

@@ -734,6 +734,7 @@ mod tests {
             epoch: 1,
             policy_hash: "h".into(),
             cached: false,
+            plugins: Vec::new(),
             trace_id: None,
         }
     }
