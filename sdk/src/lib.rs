@@ -24,7 +24,8 @@
 //!
 //! Plugins are `no_std` on WebAssembly (the standard library would import
 //! WASI's environment, stdio and exit interfaces, which the sidecar refuses).
-//! This crate supplies what `no_std` lacks there: an allocator, and a panic
+//! This crate supplies what `no_std` lacks there: an allocator (made for an
+//! instance that lives for one call), and a panic
 //! handler that sends the panic's message to the sidecar's log before
 //! trapping. `alloc` (String, Vec, BTreeMap, format!) is available.
 
@@ -311,9 +312,129 @@ pub unsafe extern "C" fn cabi_realloc(
     ptr
 }
 
+/// The allocator, made for an instance that lives for one call: blocks come
+/// from a bump pointer over the instance's memory, and freed blocks go to
+/// a free list per power-of-two size class, to be reused by the next
+/// allocation of that class (so a loop that allocates and frees runs in
+/// constant memory). It starts at the end of the static data and uses the
+/// memory the module starts with (2 MiB, see `.cargo/config.toml`) before
+/// growing it, so a typical call never grows memory — growing is what costs
+/// most when a fresh instance is set up.
+#[cfg(target_arch = "wasm32")]
+mod alloc_impl {
+    use core::alloc::{GlobalAlloc, Layout};
+    use core::cell::Cell;
+
+    const PAGE: usize = 65_536;
+    /// Size classes 2^4 .. 2^31.
+    const CLASSES: usize = 28;
+
+    pub struct Allocator {
+        next: Cell<usize>,
+        end: Cell<usize>,
+        /// Head of each class's free list (0: empty); a free block holds
+        /// the address of the next one.
+        free: [Cell<usize>; CLASSES],
+    }
+
+    // SAFETY: a plugin instance runs on one thread (no wasm threads here).
+    #[allow(unsafe_code)]
+    unsafe impl Sync for Allocator {}
+
+    #[allow(unsafe_code)]
+    extern "C" {
+        static __heap_base: u8;
+    }
+
+    /// The class of a layout, and the block size it stands for.
+    fn class(layout: &Layout) -> Option<(usize, usize)> {
+        let size = layout
+            .size()
+            .max(layout.align())
+            .max(16)
+            .checked_next_power_of_two()?;
+        let index = size.trailing_zeros() as usize - 4;
+        (index < CLASSES).then_some((index, size))
+    }
+
+    impl Allocator {
+        pub const fn new() -> Self {
+            Allocator {
+                next: Cell::new(0),
+                end: Cell::new(0),
+                free: [const { Cell::new(0) }; CLASSES],
+            }
+        }
+
+        fn bump(&self, size: usize, align: usize) -> *mut u8 {
+            if self.next.get() == 0 {
+                // Only the address of the linker's symbol is taken.
+                self.next.set(core::ptr::addr_of!(__heap_base) as usize);
+                self.end.set(core::arch::wasm32::memory_size(0) * PAGE);
+            }
+            let start = (self.next.get() + align - 1) & !(align - 1);
+            let Some(new_next) = start.checked_add(size) else {
+                return core::ptr::null_mut();
+            };
+            if new_next > self.end.get() {
+                let pages = (new_next - self.end.get()).div_ceil(PAGE).max(16);
+                if core::arch::wasm32::memory_grow(0, pages) == usize::MAX {
+                    return core::ptr::null_mut();
+                }
+                self.end.set(self.end.get() + pages * PAGE);
+            }
+            self.next.set(new_next);
+            start as *mut u8
+        }
+    }
+
+    #[allow(unsafe_code)]
+    unsafe impl GlobalAlloc for Allocator {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let Some((index, size)) = class(&layout) else {
+                return core::ptr::null_mut();
+            };
+            let head = self.free[index].get();
+            if head != 0 && head % layout.align() == 0 {
+                // SAFETY: `head` is a free block of this class, which holds
+                // the address of the next free block.
+                self.free[index].set(unsafe { *(head as *const usize) });
+                return head as *mut u8;
+            }
+            self.bump(size, layout.align().max(16))
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if let Some((index, _)) = class(&layout) {
+                // SAFETY: the block is at least 16 bytes and ours again.
+                unsafe { *(ptr as *mut usize) = self.free[index].get() };
+                self.free[index].set(ptr as usize);
+            }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY (all three): GlobalAlloc::realloc's contract — `layout`
+            // describes `ptr`'s block and `new_size` is valid for its
+            // alignment.
+            let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+            if class(&new_layout).map(|c| c.0) == class(&layout).map(|c| c.0) {
+                return ptr;
+            }
+            let new = unsafe { self.alloc(new_layout) };
+            if !new.is_null() {
+                unsafe {
+                    core::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                    self.dealloc(ptr, layout);
+                }
+            }
+            new
+        }
+    }
+}
+
 #[cfg(target_arch = "wasm32")]
 #[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+static ALLOCATOR: alloc_impl::Allocator = alloc_impl::Allocator::new();
 
 /// A panic is a fault of the plugin: say why in the sidecar's log, then
 /// trap (the sidecar applies the plugin's failure mode).

@@ -364,6 +364,7 @@ fn default_keys(section: &str) -> &'static [&'static str] {
             "max_memory_mib",
             "stack_kib",
             "max_wasm_mib",
+            "keep_resident_kib",
             "tick_ms",
             "quarantine_after",
             "quarantine_seconds",

@@ -600,7 +600,17 @@ fn base64_decode(s: &str) -> Vec<u8> {
 #[test]
 fn mfa_tokens_of_each_algorithm_forged_and_expired() {
     let dir = example_with_plugins();
-    let v = start(dir.path(), &[]);
+    let data = tempfile::tempdir().unwrap();
+    let cache = shared_cache().to_string_lossy().into_owned();
+    let v = Vigie::start_in(
+        dir.path(),
+        data.path(),
+        &[],
+        &[
+            ("VIGIE_PLUGINS_ENABLED", "true"),
+            ("VIGIE_PLUGINS_CACHE_DIR", &cache),
+        ],
+    );
     // A sensitive record needs MFA at most 15 minutes old.
     let read = |token: &str| {
         ask(
@@ -644,6 +654,24 @@ fn mfa_tokens_of_each_algorithm_forged_and_expired() {
     assert!(
         m.contains("vigie_plugin_calls_total{plugin=\"mfa\",result=\"ok\"}"),
         "{m}"
+    );
+    // The records keep the plugins' verdicts, not the bearer tokens.
+    let token = id_token("EdDSA", &mfa_claims(&["pwd", "otp"], 60));
+    assert_eq!(read(&token)["decision"], "Allow");
+    let mut outbox = Vec::new();
+    for entry in std::fs::read_dir(data.path().join("outbox")).unwrap() {
+        outbox.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    let outbox = String::from_utf8_lossy(&outbox);
+    assert!(
+        !outbox.contains(&token[..40]),
+        "a token reached the decision log"
+    );
+    assert!(outbox.contains(r#""id_token":"<masked>""#));
+    assert!(
+        outbox.contains(r#""name":"mfa","status":"ok""#)
+            && outbox.contains(r#""acr":"eidas-substantial""#),
+        "the plugin's outcome is in the record"
     );
 }
 

@@ -70,8 +70,9 @@ pub struct Config {
     pub when_full: WhenFull,
     /// How long a decision waits for room in a full outbox. Default 5000.
     pub full_wait_ms: u64,
-    /// Context paths replaced by `"<masked>"` in records, e.g.
-    /// `["context.device.token"]`. Default none.
+    /// Context paths replaced by `"<masked>"` in records. Default
+    /// `["context.id_token", "context.device_token"]`: bearer tokens do not
+    /// belong in an audit trail (the plugins' verdicts on them are recorded).
     pub mask: Vec<String>,
     /// The ledger's base URL (`--ledger`), e.g. `http://127.0.0.1:8290`.
     /// Default none: records stay in the outbox until one is configured.
@@ -101,7 +102,7 @@ impl Default for Config {
             max_outbox_bytes: 1 << 30,
             when_full: WhenFull::Backpressure,
             full_wait_ms: 5000,
-            mask: Vec::new(),
+            mask: vec!["context.id_token".into(), "context.device_token".into()],
             ledger: None,
             sidecar_id: None,
             key: None,
