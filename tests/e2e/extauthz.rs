@@ -410,3 +410,59 @@ fn a_mapping_that_does_not_fit_the_schema_stops_the_start() {
         "{err}"
     );
 }
+
+#[test]
+fn plugins_run_on_envoy_checks() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let v = Vigie::start(
+        &example_policies(),
+        &["--config", &config(), "--ext-authz-listen", &listen],
+        &[("VIGIE_PLUGINS_ENABLED", "true")],
+    );
+    // Administration: a hardware-key MFA token (mfa plugin, from the
+    // x-id-token header) and an on-premises address (network plugin, from
+    // the peer's address).
+    let token: &'static str = Box::leak(
+        crate::plugins::id_token("ES256", &crate::plugins::mfa_claims(&["pwd", "hwk"], 30))
+            .into_boxed_str(),
+    );
+    let (on_premises, vpn, no_token) = rt.block_on(async {
+        let client = AuthorizationClient::connect(format!("http://{listen}"))
+            .await
+            .unwrap();
+        let check = |c: Call| {
+            let mut client = client.clone();
+            async move { answer(client.check(c.request()).await.unwrap().into_inner()) }
+        };
+        let admin = || {
+            Call::new("POST", "/systems/payroll/admin")
+                .header("x-vigie-user", "eve")
+                .header("x-id-token", token)
+        };
+        (
+            check(admin()).await,
+            check(Call {
+                source_ip: "10.200.0.7",
+                ..admin()
+            })
+            .await,
+            check(Call::new("POST", "/systems/payroll/admin").header("x-vigie-user", "eve")).await,
+        )
+    });
+    assert_eq!(on_premises.code, 0, "allowed: {}", on_premises.body);
+    assert_eq!(vpn.http_status, Some(403));
+    assert_eq!(no_token.http_status, Some(403));
+    let m = v.get("/metrics").text;
+    assert!(
+        m.contains("vigie_plugin_calls_total{plugin=\"network\",result=\"ok\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("vigie_endpoint_decisions_total{endpoint=\"ext_authz\",decision=\"allow\"} 1"),
+        "{m}"
+    );
+}

@@ -539,7 +539,7 @@ fn jws(header: Value, claims: &Value, sign: impl Fn(&[u8]) -> Vec<u8>) -> String
 }
 
 /// An ID token from the demonstration identity provider of `plugins.toml`.
-fn id_token(alg: &str, claims: &Value) -> String {
+pub fn id_token(alg: &str, claims: &Value) -> String {
     match alg {
         "EdDSA" => jws(json!({"alg": alg, "kid": "idp-ed25519"}), claims, |m| {
             use ed25519_dalek::Signer;
@@ -570,7 +570,7 @@ fn id_token(alg: &str, claims: &Value) -> String {
     }
 }
 
-fn mfa_claims(amr: &[&str], auth_age: i64) -> Value {
+pub fn mfa_claims(amr: &[&str], auth_age: i64) -> Value {
     let t = now();
     json!({"iss": "https://idp.agency.example", "aud": "vigie", "sub": "alice",
            "iat": t - 10, "exp": t + 600, "auth_time": t - auth_age,
