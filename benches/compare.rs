@@ -1,6 +1,8 @@
 //! The load comparison: Vigie against the transport limit (a bare hyper
-//! server answering a fixed body), at 1 and 32 connections, for Vigie with
-//! the cache off and on and with `power` and `process` durability.
+//! server answering a fixed body) and against Cerbos (the real PDP, fetched
+//! with `npm pack @cerbos/cerbos-linux-x64`, audit on and off), at 1 and 32
+//! connections, for Vigie with the cache off and on and with `power` and
+//! `process` durability.
 //!
 //!     cargo bench -p vigie --bench compare --no-run
 //!     taskset -c 1 cargo bench -p vigie --bench compare
@@ -10,7 +12,12 @@
 //! bodies are cycled. Reports req/s, p50, p99, the server's peak RSS, and
 //! ratios against the bare server, and writes the table to
 //! `target/compare.md`. Only 127.0.0.1 is used; every run stops by itself.
-//! (Cerbos, the other peer the performance issue asks for, is not wired in yet.)
+//!
+//! Cerbos runs `benches/cerbos/` (the example's `read` rules as derived
+//! roles and a resource policy). Before any load, every one of the 2,000
+//! requests is asked of both, and the run stops if one decision differs.
+//! Without `npm` (or with `VIGIE_BENCH_NO_CERBOS=1`) Cerbos is left out and
+//! the table says so.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,7 +34,16 @@ use http_body_util::{BodyExt, Full};
 const RUN: Duration = Duration::from_secs(4);
 const BODIES: usize = 2000;
 
-fn bodies() -> Arc<Vec<Bytes>> {
+/// One generated request: who reads which record, from where, with an MFA
+/// of what age.
+struct Case {
+    user: &'static str,
+    record: &'static str,
+    ip: String,
+    mfa_age: usize,
+}
+
+fn cases() -> Vec<Case> {
     let users = [
         "alice",
         "bob",
@@ -49,20 +65,226 @@ fn bodies() -> Arc<Vec<Bytes>> {
         "finance-003",
         "it-001",
     ];
-    Arc::new(
-        (0..BODIES)
-            .map(|i| {
-                Bytes::from(format!(
-                    r#"{{"principal":"Agency::User::\"{}\"","action":"Agency::Action::\"read\"","resource":"Agency::Record::\"{}\"","context":{{"ip":"10.{}.{}.1","mfa":{{"present":true,"methods":["otp"],"age_seconds":{},"hardware":false}}}}}}"#,
-                    users[i % users.len()],
-                    records[(i / users.len()) % records.len()],
-                    i % 200,
-                    i / 200,
-                    i % 1000
-                ))
+    (0..BODIES)
+        .map(|i| Case {
+            user: users[i % users.len()],
+            record: records[(i / users.len()) % records.len()],
+            ip: format!("10.{}.{}.1", i % 200, i / 200),
+            mfa_age: i % 1000,
+        })
+        .collect()
+}
+
+fn vigie_body(c: &Case) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"principal":"Agency::User::\"{}\"","action":"Agency::Action::\"read\"","resource":"Agency::Record::\"{}\"","context":{{"ip":"{}","mfa":{{"present":true,"methods":["otp"],"age_seconds":{},"hardware":false}}}}}}"#,
+        c.user, c.record, c.ip, c.mfa_age
+    ))
+}
+
+fn bodies() -> Arc<Vec<Bytes>> {
+    Arc::new(cases().iter().map(vigie_body).collect())
+}
+
+/// The same request for Cerbos: the principal's roles (expanded along the
+/// role hierarchy) and attributes, and the record's, from
+/// `policies/entities.json`; the context in the principal's attributes.
+fn cerbos_bodies() -> Arc<Vec<Bytes>> {
+    use serde_json::{json, Value};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/entities.json");
+    let entities: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let find = |ty: &str, id: &str| {
+        entities
+            .iter()
+            .find(|e| e["uid"]["type"] == ty && e["uid"]["id"] == id)
+            .unwrap_or_else(|| panic!("{ty}::{id} not in entities.json"))
+    };
+    let parents = |e: &Value, ty: &str| -> Vec<String> {
+        e["parents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["type"] == ty)
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let body = |c: &Case| {
+        let user = find("Agency::User", c.user);
+        let mut roles = parents(user, "Agency::Role");
+        let mut i = 0;
+        while i < roles.len() {
+            for up in parents(find("Agency::Role", &roles[i].clone()), "Agency::Role") {
+                if !roles.contains(&up) {
+                    roles.push(up);
+                }
+            }
+            i += 1;
+        }
+        let record = find("Agency::Record", c.record);
+        let a = &user["attrs"];
+        let supervises: Vec<&Value> = a["supervises"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| &d["id"])
+            .collect();
+        Bytes::from(
+            json!({
+                "requestId": "bench",
+                "principal": {
+                    "id": c.user,
+                    "roles": roles,
+                    "attr": {
+                        "department": a["department"]["id"], "clearance": a["clearance"],
+                        "suspended": a["suspended"], "supervises": supervises, "ip": c.ip,
+                        "mfa": {"present": true, "methods": ["otp"], "age_seconds": c.mfa_age, "hardware": false},
+                    },
+                },
+                "resources": [{
+                    "actions": ["read"],
+                    "resource": {
+                        "kind": "record", "id": c.record,
+                        "attr": {"department": record["attrs"]["department"]["id"], "sensitivity": record["attrs"]["sensitivity"]},
+                    },
+                }],
             })
-            .collect(),
-    )
+            .to_string(),
+        )
+    };
+    Arc::new(cases().iter().map(body).collect())
+}
+
+fn cerbos_post(body: Bytes) -> hyper::Request<Full<Bytes>> {
+    hyper::Request::post("/api/check/resources")
+        .header("host", "bench")
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .expect("request")
+}
+
+/// The Cerbos PDP binary, fetched once from npm into the target directory.
+fn cerbos_binary() -> Option<std::path::PathBuf> {
+    if std::env::var_os("VIGIE_BENCH_NO_CERBOS").is_some() {
+        return None;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("cerbos");
+    let bin = dir.join("package/cerbos-linux-x64");
+    if bin.exists() {
+        return Some(bin);
+    }
+    std::fs::create_dir_all(&dir).ok()?;
+    eprintln!("fetching Cerbos: npm pack @cerbos/cerbos-linux-x64");
+    let packed = std::process::Command::new("npm")
+        .args([
+            "pack",
+            "--silent",
+            "@cerbos/cerbos-linux-x64",
+            "--pack-destination",
+        ])
+        .arg(&dir)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let tgz = String::from_utf8_lossy(&packed.stdout)
+        .trim()
+        .lines()
+        .last()?
+        .to_owned();
+    let ok = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(dir.join(tgz))
+        .arg("-C")
+        .arg(&dir)
+        .status()
+        .ok()?
+        .success();
+    (ok && bin.exists()).then_some(bin)
+}
+
+/// `cerbos server` on the policies of `benches/cerbos/`, pinned like the
+/// others, audit (decision logs to a file) on or off. Returns once healthy.
+fn cerbos_server(bin: &std::path::Path, audit: bool, dir: &std::path::Path) -> (Child, String) {
+    let port = |_| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (http, grpc) = (port(0), port(1));
+    let config = format!(
+        "server:\n  httpListenAddr: \"127.0.0.1:{http}\"\n  grpcListenAddr: \"127.0.0.1:{grpc}\"\n\
+         storage:\n  driver: disk\n  disk:\n    directory: \"{}\"\n    watchForChanges: false\n\
+         audit:\n  enabled: {audit}\n  accessLogsEnabled: false\n  decisionLogsEnabled: true\n  backend: file\n  file:\n    path: \"{}\"\n",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/cerbos"),
+        dir.join("decisions.log").display(),
+    );
+    let config_path = dir.join("cerbos.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut c = load::pinned(bin.to_str().unwrap());
+    c.arg("server")
+        .arg(format!("--config={}", config_path.display()))
+        .env("CERBOS_NO_TELEMETRY", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("cerbos.log")).unwrap());
+    let child = c.spawn().expect("start cerbos");
+    let addr = format!("127.0.0.1:{http}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /_cerbos/health HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200") {
+                return (child, addr);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(dir.join("cerbos.log")).unwrap_or_default();
+    panic!("cerbos did not become healthy on {addr}:\n{log}");
+}
+
+/// One request/response on a fresh connection, for the equivalence check.
+async fn ask(addr: &str, request: hyper::Request<Full<Bytes>>) -> serde_json::Value {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = send.send_request(request).await.unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Asks every request of Vigie and Cerbos; panics on the first difference.
+/// Returns how many were allowed.
+fn check_equivalence(rt: &tokio::runtime::Runtime, vigie: &str, cerbos: &str) -> usize {
+    let (v, c) = (bodies(), cerbos_bodies());
+    let mut allowed = 0;
+    for (i, case) in cases().iter().enumerate() {
+        let (a, b) = rt.block_on(async {
+            (
+                ask(vigie, load::post(v[i].clone(), None)).await,
+                ask(cerbos, cerbos_post(c[i].clone())).await,
+            )
+        });
+        let vigie_allows = a["decision"] == "Allow";
+        let cerbos_allows = b["results"][0]["actions"]["read"] == "EFFECT_ALLOW";
+        assert_eq!(
+            vigie_allows, cerbos_allows,
+            "request {i} ({} reads {} with MFA {} s old): Vigie {a}, Cerbos {b}",
+            case.user, case.record, case.mfa_age
+        );
+        allowed += usize::from(vigie_allows);
+    }
+    allowed
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -127,32 +349,86 @@ fn main() {
         .build()
         .unwrap();
     let bodies = bodies();
-    let mut table = String::from("| server | conns | req/s | p50 | p99 | peak RSS | req/s vs bare | p50 vs bare |\n|---|---|---|---|---|---|---|---|\n");
+    let cerbos_bodies = cerbos_bodies();
+    let cerbos = cerbos_binary();
+    let mut table = String::new();
+    match &cerbos {
+        Some(bin) => {
+            // Same decisions first, or the comparison means nothing.
+            let (vd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let (mut v, vaddr) = load::serve(
+                vd.path(),
+                &["--durability", "process"],
+                &[("VIGIE_CACHE_ENABLED", "false")],
+            );
+            let (mut c, caddr) = cerbos_server(bin, false, cd.path());
+            let allowed = check_equivalence(&rt, &vaddr, &caddr);
+            for child in [&mut v, &mut c] {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let line = format!(
+                "Vigie and Cerbos ({}) agree on all {BODIES} requests ({allowed} allowed).\n\n",
+                bin.display()
+            );
+            print!("{line}");
+            table.push_str(&line);
+        }
+        None => {
+            let line = "Cerbos left out (no npm, or VIGIE_BENCH_NO_CERBOS set).\n\n";
+            print!("{line}");
+            table.push_str(line);
+        }
+    }
+    table.push_str("| server | conns | req/s | p50 | p99 | peak RSS | req/s vs bare | p50 vs bare | req/s vs Cerbos (audit on) |\n|---|---|---|---|---|---|---|---|---|\n");
+    enum Server {
+        Bare,
+        Cerbos(bool),
+        Vigie(&'static str, bool),
+    }
+    let mut configs: Vec<(&str, Server)> = vec![("bare hyper (fixed body)", Server::Bare)];
+    if cerbos.is_some() {
+        configs.push(("Cerbos 0.55, audit off", Server::Cerbos(false)));
+        configs.push((
+            "Cerbos 0.55, audit on (decision log file)",
+            Server::Cerbos(true),
+        ));
+    }
+    configs.extend([
+        ("vigie, cache off, process", Server::Vigie("process", false)),
+        ("vigie, cache off, power", Server::Vigie("power", false)),
+        ("vigie, cache on, process", Server::Vigie("process", true)),
+        ("vigie, cache on, power", Server::Vigie("power", true)),
+    ]);
     let mut bare: Vec<(usize, f64, Duration)> = Vec::new();
-    let configs: Vec<(&str, Option<(&str, bool)>)> = vec![
-        ("bare hyper (fixed body)", None),
-        ("vigie, cache off, process", Some(("process", false))),
-        ("vigie, cache off, power", Some(("power", false))),
-        ("vigie, cache on, process", Some(("process", true))),
-        ("vigie, cache on, power", Some(("power", true))),
-    ];
-    for (name, cfg) in configs {
+    let mut cerbos_audited: Vec<(usize, f64)> = Vec::new();
+    for (name, server) in &configs {
         for conns in [1usize, 32] {
             let data = tempfile::tempdir().unwrap();
-            let (mut child, addr) = match cfg {
-                None => {
+            let (mut child, addr) = match server {
+                Server::Bare => {
                     let mut c = bare_server();
                     let addr = load::address(&mut c, "bare-server addr=");
                     (c, addr)
                 }
-                Some((d, cache)) => load::serve(
+                Server::Cerbos(audit) => {
+                    cerbos_server(cerbos.as_deref().unwrap(), *audit, data.path())
+                }
+                Server::Vigie(d, cache) => load::serve(
                     data.path(),
                     &["--durability", d],
-                    &[("VIGIE_CACHE_ENABLED", if cache { "true" } else { "false" })],
+                    &[("VIGIE_CACHE_ENABLED", if *cache { "true" } else { "false" })],
                 ),
             };
-            let b = Arc::clone(&bodies);
-            let request = move |i: usize| load::post(b[i % b.len()].clone(), None);
+            let (v, c) = (Arc::clone(&bodies), Arc::clone(&cerbos_bodies));
+            let is_cerbos = matches!(server, Server::Cerbos(_));
+            let request = move |i: usize| {
+                if is_cerbos {
+                    cerbos_post(c[i % c.len()].clone())
+                } else {
+                    load::post(v[i % v.len()].clone(), None)
+                }
+            };
             // Warm-up, then the measured run.
             rt.block_on(load::http(
                 &addr,
@@ -164,16 +440,24 @@ fn main() {
             let rss = peak_rss_kib(child.id());
             let _ = child.kill();
             let _ = child.wait();
-            if cfg.is_none() {
-                bare.push((conns, r.rps, r.p50));
+            match server {
+                Server::Bare => bare.push((conns, r.rps, r.p50)),
+                Server::Cerbos(true) => cerbos_audited.push((conns, r.rps)),
+                _ => {}
             }
             let (brps, bp50) = bare
                 .iter()
                 .find(|(c, _, _)| *c == conns)
                 .map(|(_, r, p)| (*r, *p))
                 .unwrap();
+            let vs_cerbos = cerbos_audited
+                .iter()
+                .find(|(c, _)| *c == conns)
+                .map_or("–".to_owned(), |(_, crps)| {
+                    format!("{:.1}×", r.rps / crps)
+                });
             let line = format!(
-                "| {name} | {conns} | {:.0} | {:.0} µs | {:.0} µs | {:.1} MiB | {:.2} | {:.2} |\n",
+                "| {name} | {conns} | {:.0} | {:.0} µs | {:.0} µs | {:.1} MiB | {:.2} | {:.2} | {vs_cerbos} |\n",
                 r.rps,
                 r.p50.as_secs_f64() * 1e6,
                 r.p99.as_secs_f64() * 1e6,
