@@ -86,6 +86,47 @@ fn bodies() -> Arc<Vec<Bytes>> {
     Arc::new(cases().iter().map(vigie_body).collect())
 }
 
+/// The same requests for Vigie running the example's plugins: the context
+/// carries the caller's address and an ID token (signed with the
+/// demonstration identity provider's key), and the `network`, `mfa` and
+/// `hours` plugins compute the rest.
+fn plugin_bodies() -> Arc<Vec<Bytes>> {
+    use base64::Engine as _;
+    use ed25519_dalek::Signer;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let seed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/keys/idp-ed25519.seed"
+    ))
+    .unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(
+        &hex::decode(seed.trim()).unwrap().try_into().unwrap(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({"iss": "https://idp.agency.example", "aud": "vigie",
+        "exp": now + 3600, "auth_time": now - 60, "amr": ["pwd", "otp"]});
+    let signed = format!(
+        "{}.{}",
+        b64(br#"{"alg":"EdDSA","kid":"idp-ed25519"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let token = format!("{signed}.{}", b64(&key.sign(signed.as_bytes()).to_bytes()));
+    Arc::new(
+        cases()
+            .iter()
+            .map(|c| {
+                Bytes::from(format!(
+                    r#"{{"principal":"Agency::User::\"{}\"","action":"Agency::Action::\"read\"","resource":"Agency::Record::\"{}\"","context":{{"ip":"{}","id_token":"{token}"}}}}"#,
+                    c.user, c.record, c.ip
+                ))
+            })
+            .collect(),
+    )
+}
+
 /// The same request for Cerbos: the principal's roles (expanded along the
 /// role hierarchy) and attributes, and the record's, from
 /// `policies/entities.json`; the context in the principal's attributes.
@@ -231,7 +272,7 @@ fn cerbos_server(bin: &std::path::Path, audit: bool, dir: &std::path::Path) -> (
         .env("CERBOS_NO_TELEMETRY", "1")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("cerbos.log")).unwrap());
-    let child = c.spawn().expect("start cerbos");
+    let mut child = c.spawn().expect("start cerbos");
     let addr = format!("127.0.0.1:{http}");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
@@ -246,6 +287,8 @@ fn cerbos_server(bin: &std::path::Path, audit: bool, dir: &std::path::Path) -> (
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     let log = std::fs::read_to_string(dir.join("cerbos.log")).unwrap_or_default();
     panic!("cerbos did not become healthy on {addr}:\n{log}");
 }
@@ -300,6 +343,22 @@ fn peak_rss_kib(pid: u32) -> u64 {
             })
         })
         .unwrap_or(0)
+}
+
+/// CPU time (user + system) a process has used, in seconds, from
+/// `/proc/<pid>/stat` (clock ticks of 1/100 s, Linux's USER_HZ).
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0)
 }
 
 /// The transport limit: hyper answering a fixed body, in its own process.
@@ -380,11 +439,13 @@ fn main() {
             table.push_str(line);
         }
     }
-    table.push_str("| server | conns | req/s | p50 | p99 | peak RSS | req/s vs bare | p50 vs bare | req/s vs Cerbos (audit on) |\n|---|---|---|---|---|---|---|---|---|\n");
+    table.push_str("| server | conns | req/s | p50 | p99 | server CPU | CPU per request | peak RSS | req/s vs bare | p50 vs bare | req/s vs Cerbos (audit on) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     enum Server {
         Bare,
         Cerbos(bool),
         Vigie(&'static str, bool),
+        /// With the example's plugins (durability, cache).
+        Plugins(&'static str, bool),
     }
     let mut configs: Vec<(&str, Server)> = vec![("bare hyper (fixed body)", Server::Bare)];
     if cerbos.is_some() {
@@ -399,7 +460,34 @@ fn main() {
         ("vigie, cache off, power", Server::Vigie("power", false)),
         ("vigie, cache on, process", Server::Vigie("process", true)),
         ("vigie, cache on, power", Server::Vigie("power", true)),
+        (
+            "vigie + 3 plugins, cache off, process",
+            Server::Plugins("process", false),
+        ),
+        (
+            "vigie + 3 plugins, cache on, process",
+            Server::Plugins("process", true),
+        ),
     ]);
+    let plugin_bodies = plugin_bodies();
+    // Compiled plugins come from a cache, as for a sidecar that restarts
+    // (compiling them at start raises the peak RSS by about 25 MiB): one
+    // start fills it.
+    let plugin_cache = tempfile::tempdir().unwrap();
+    let plugin_cache_dir = plugin_cache.path().to_str().unwrap().to_owned();
+    {
+        let data = tempfile::tempdir().unwrap();
+        let (mut child, _) = load::serve(
+            data.path(),
+            &[],
+            &[
+                ("VIGIE_PLUGINS_ENABLED", "true"),
+                ("VIGIE_PLUGINS_CACHE_DIR", &plugin_cache_dir),
+            ],
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let mut bare: Vec<(usize, f64, Duration)> = Vec::new();
     let mut cerbos_audited: Vec<(usize, f64)> = Vec::new();
     for (name, server) in &configs {
@@ -419,9 +507,23 @@ fn main() {
                     &["--durability", d],
                     &[("VIGIE_CACHE_ENABLED", if *cache { "true" } else { "false" })],
                 ),
+                Server::Plugins(d, cache) => load::serve(
+                    data.path(),
+                    &["--durability", d],
+                    &[
+                        ("VIGIE_CACHE_ENABLED", if *cache { "true" } else { "false" }),
+                        ("VIGIE_PLUGINS_ENABLED", "true"),
+                        ("VIGIE_PLUGINS_CACHE_DIR", &plugin_cache_dir),
+                    ],
+                ),
             };
-            let (v, c) = (Arc::clone(&bodies), Arc::clone(&cerbos_bodies));
             let is_cerbos = matches!(server, Server::Cerbos(_));
+            let c = Arc::clone(&cerbos_bodies);
+            let v = if matches!(server, Server::Plugins(..)) {
+                Arc::clone(&plugin_bodies)
+            } else {
+                Arc::clone(&bodies)
+            };
             let request = move |i: usize| {
                 if is_cerbos {
                     cerbos_post(c[i % c.len()].clone())
@@ -436,7 +538,9 @@ fn main() {
                 Duration::from_secs(1),
                 request.clone(),
             ));
+            let cpu_before = cpu_seconds(child.id());
             let r = rt.block_on(load::http(&addr, conns, RUN, request));
+            let cpu = cpu_seconds(child.id()) - cpu_before;
             let rss = peak_rss_kib(child.id());
             let _ = child.kill();
             let _ = child.wait();
@@ -457,10 +561,12 @@ fn main() {
                     format!("{:.1}×", r.rps / crps)
                 });
             let line = format!(
-                "| {name} | {conns} | {:.0} | {:.0} µs | {:.0} µs | {:.1} MiB | {:.2} | {:.2} | {vs_cerbos} |\n",
+                "| {name} | {conns} | {:.0} | {:.0} µs | {:.0} µs | {:.0}% | {:.0} µs | {:.1} MiB | {:.2} | {:.2} | {vs_cerbos} |\n",
                 r.rps,
                 r.p50.as_secs_f64() * 1e6,
                 r.p99.as_secs_f64() * 1e6,
+                cpu / RUN.as_secs_f64() * 100.0,
+                cpu / (r.rps * RUN.as_secs_f64()) * 1e6,
                 rss as f64 / 1024.0,
                 r.rps / brps,
                 r.p50.as_secs_f64() / bp50.as_secs_f64()
