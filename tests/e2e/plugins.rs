@@ -901,3 +901,53 @@ fn check_names_the_plugin_file_and_line() {
     let out = check("[[plugin]]\nname = \"network\"\npath = \"x.wasm\"\nfailure = \"maybe\"\n");
     assert!(out.starts_with("plugins.toml:4:"), "{out}");
 }
+
+#[test]
+fn a_reload_picks_up_a_changed_plugin_configuration() {
+    let dir = example_with_plugins();
+    let v = start(dir.path(), &[("VIGIE_POLICIES_WATCH", "false")]);
+    let token = id_token("EdDSA", &mfa_claims(&["pwd", "hwk"], 30));
+    let administer = || {
+        ask(
+            &v,
+            "eve",
+            "administer",
+            "Agency::System::\"payroll\"",
+            json!({"ip": "10.1.2.3", "id_token": token}),
+        )
+    };
+    assert_eq!(administer()["decision"], "Allow");
+    // 10.1.0.0/16 becomes part of the VPN: no longer on premises.
+    let path = dir.path().join("plugins.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "{ name = \"vpn\", cidrs = [\"10.200.0.0/16\"",
+        "{ name = \"vpn\", cidrs = [\"10.1.0.0/16\", \"10.200.0.0/16\"",
+    );
+    std::fs::write(&path, text).unwrap();
+    let r = v.post("/v1/reload", &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let a = administer();
+    assert_eq!(
+        a["diagnostics"]["reason"],
+        json!(["forbid-admin-off-premises"]),
+        "{a}"
+    );
+    // A broken plugin configuration is refused, and the last good set stays.
+    std::fs::write(
+        &path,
+        "[[plugin]]\nname = \"network\"\npath = \"nowhere.wasm\"\n",
+    )
+    .unwrap();
+    let r = v.post("/v1/reload", &json!({}));
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert!(
+        r.text
+            .contains("plugins.toml:1:1: plugin `network`: cannot read"),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        administer()["diagnostics"]["reason"],
+        json!(["forbid-admin-off-premises"])
+    );
+}
