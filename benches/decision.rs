@@ -349,10 +349,13 @@ fn plugins(c: &mut Criterion) {
         context: &small,
         now_unix_ms: now,
     };
-    assert!(rt.block_on(network.call(&host, &call)).is_ok());
+    assert!(rt.block_on(network.call(&host, &call, None)).is_ok());
     let mut g = c.benchmark_group("plugin");
     g.bench_function("network_call", |b| {
-        b.iter(|| rt.block_on(network.call(&host, black_box(&call))).unwrap())
+        b.iter(|| {
+            rt.block_on(network.call(&host, black_box(&call), None))
+                .unwrap()
+        })
     });
     let context = json!({"ip": "10.1.2.3", "id_token": id_token, "device_token": device_token});
     let text = context.to_string();

@@ -340,9 +340,9 @@ pub fn check(dir: &Path, validation: Validation) -> bool {
                 let loaded = crate::plugin::Host::new(&crate::plugin::Config::default(), None)
                     .map_err(|e| vec![e])
                     .and_then(|host| {
-                        host.load(&bundle.plugins)
-                            .map(|_| ())
-                            .map_err(|errors| errors.iter().map(plugin_problem).collect())
+                        host.load(&bundle.plugins).map(|_| ()).map_err(|errors| {
+                            errors.iter().map(|e| e.problem().to_string()).collect()
+                        })
                     });
                 if let Err(problems) = loaded {
                     for p in &problems {
@@ -371,10 +371,6 @@ pub fn check(dir: &Path, validation: Validation) -> bool {
             false
         }
     }
-}
-
-fn plugin_problem(e: &crate::plugin::LoadError) -> String {
-    format!("{}:1: plugin `{}`: {}", e.origin, e.name, e.message)
 }
 
 /// `vigie plugin run`: prints the plugin's answer; `Ok(false)` when it
@@ -442,9 +438,9 @@ pub fn plugin_run(args: &PluginRunArgs) -> anyhow::Result<bool> {
         .enable_all()
         .build()?;
     // Once to warm up (first-touch page faults), then the measured call.
-    let _ = rt.block_on(plugin.call(&host, &call));
+    let _ = rt.block_on(plugin.call(&host, &call, None));
     let started = std::time::Instant::now();
-    let result = rt.block_on(plugin.call(&host, &call));
+    let result = rt.block_on(plugin.call(&host, &call, None));
     let took = started.elapsed();
     match result {
         Ok(called) => {

@@ -103,25 +103,9 @@ fn load_plugins(
             }
             Ok(plugin::Set::default())
         }
-        Some(host) => host.load(&bundle.plugins).map_err(|errors| {
-            errors
-                .into_iter()
-                .map(|e| {
-                    let line = e
-                        .origin
-                        .rsplit(':')
-                        .next()
-                        .and_then(|l| l.parse().ok())
-                        .unwrap_or(1);
-                    Problem {
-                        file: plugin::SPECS_FILE.into(),
-                        line,
-                        col: 1,
-                        message: format!("plugin `{}`: {}", e.name, e.message),
-                    }
-                })
-                .collect()
-        }),
+        Some(host) => host
+            .load(&bundle.plugins)
+            .map_err(|errors| errors.iter().map(plugin::LoadError::problem).collect()),
     }
 }
 

@@ -14,7 +14,7 @@ use wasmtime::{Engine, PoolingAllocationConfig, ResourceLimiter, Store, UpdateDe
 
 use super::cache;
 use super::spec::{Config, Spec};
-use super::{Fault, Health, Set, Stats};
+use super::{Fault, Fits, Health, Set, Stats};
 
 /// What a plugin may import (any 0.1.x version): the host's log function,
 /// and the contract's types (an import without functions).
@@ -145,7 +145,21 @@ impl Bucket {
 pub struct LoadError {
     pub name: String,
     pub origin: String,
+    /// The line of its `[[plugin]]` in `plugins.toml` (0 when run by hand).
+    pub line: usize,
     pub message: String,
+}
+
+impl LoadError {
+    /// As a policy-directory problem (`plugins.toml:<line>:1: ...`).
+    pub fn problem(&self) -> crate::policy::Problem {
+        crate::policy::Problem {
+            file: super::SPECS_FILE.into(),
+            line: self.line,
+            col: 1,
+            message: format!("plugin `{}`: {}", self.name, self.message),
+        }
+    }
 }
 
 /// The sidecar's wasmtime engine and what every plugin shares.
@@ -295,6 +309,7 @@ impl Host {
                 Err(message) => errors.push(LoadError {
                     name: spec.name.clone(),
                     origin: spec.origin.clone(),
+                    line: spec.line,
                     message,
                 }),
             }
@@ -344,6 +359,7 @@ impl Host {
             .map_err(|e| format!("cannot link: {e:#}"))?;
         Ok(Plugin {
             spec: spec.clone(),
+            name: Arc::from(spec.name.as_str()),
             pre,
             health: Mutex::new(Health::default()),
             stats: self.stats(&spec.name),
@@ -360,7 +376,7 @@ impl Host {
                 Err(e) => tracing::warn!(error = %e, "plugin cache entry refused; compiling again"),
             }
         }
-        if wasmparser_is_core_module(wasm) {
+        if is_core_module(wasm) {
             return Err("this is a core WebAssembly module, not a component: build it for wasm32-wasip2 (see sdk/README.md)".into());
         }
         let compiled = self
@@ -377,7 +393,7 @@ impl Host {
 }
 
 /// A core module starts with version 1; a component with a larger layer.
-fn wasmparser_is_core_module(wasm: &[u8]) -> bool {
+fn is_core_module(wasm: &[u8]) -> bool {
     wasm.len() >= 8 && wasm[..4] == *b"\0asm" && wasm[4..8] == [1, 0, 0, 0]
 }
 
@@ -460,6 +476,8 @@ fn log_line(cx: &mut wasmtime::StoreContextMut<'_, State>, level: Level, message
 /// One compiled plugin.
 pub struct Plugin {
     pub spec: Spec,
+    /// `spec.name`, shared with each call's store.
+    name: Arc<str>,
     pre: InstancePre<State>,
     health: Mutex<Health>,
     pub stats: Arc<Stats>,
@@ -542,12 +560,32 @@ impl Plugin {
     }
 
     /// Runs the plugin once on a fresh instance, under its deadline and caps.
-    pub async fn call(&self, host: &Host, call: &Call<'_>) -> Result<Called, Fault> {
+    /// `fits` checks the attributes against the schema (a misfit is a
+    /// `BadOutput` fault, counted once like any other).
+    pub async fn call(
+        &self,
+        host: &Host,
+        call: &Call<'_>,
+        fits: Option<&Fits<'_>>,
+    ) -> Result<Called, Fault> {
         let started = Instant::now();
         let result = if self.quarantined() {
             Err(Fault::Quarantined)
         } else {
-            let r = self.run(host, call).await;
+            let mut r = self.run(host, call).await;
+            if let (Ok(called), Some(fits)) = (&mut r, fits) {
+                let value = Value::Object(std::mem::take(&mut called.attributes));
+                match fits(&self.spec.name, &value) {
+                    Some((path, message)) => {
+                        r = Err(Fault::BadOutput(format!("{path}: {message}")))
+                    }
+                    None => {
+                        if let Value::Object(map) = value {
+                            called.attributes = map;
+                        }
+                    }
+                }
+            }
             self.record(host, &r);
             r
         };
@@ -572,7 +610,7 @@ impl Plugin {
         let mut store = Store::new(
             &host.engine,
             State {
-                plugin: Arc::from(self.spec.name.as_str()),
+                plugin: self.name.clone(),
                 stats: self.stats.clone(),
                 memory_cap: self.spec.memory_bytes,
                 table_cap: self.spec.table_elements,

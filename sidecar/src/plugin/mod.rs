@@ -221,14 +221,7 @@ impl Set {
                 continue;
             }
             let started = Instant::now();
-            let mut result = plugin.call(host, call).await;
-            if let Ok(called) = &result {
-                let value = Value::Object(called.attributes.clone());
-                if let Some((path, message)) = fits(&plugin.spec.name, &value) {
-                    result = Err(Fault::BadOutput(format!("{path}: {message}")));
-                    plugin.stats.fault("bad_output");
-                }
-            }
+            let result = plugin.call(host, call, Some(fits)).await;
             let micros = started.elapsed().as_micros() as u64;
             let name = plugin.spec.name.clone();
             match result {

@@ -147,6 +147,8 @@ pub struct Spec {
     pub config: String,
     /// `plugins.toml:<line>` of its `[[plugin]]`, for messages.
     pub origin: String,
+    /// The line of its `[[plugin]]` (0 for a plugin run by hand).
+    pub line: usize,
 }
 
 impl Spec {
@@ -173,6 +175,7 @@ impl Spec {
             failure: FailureMode::Deny,
             config,
             origin: path.display().to_string(),
+            line: 0,
         }
     }
 
@@ -336,6 +339,7 @@ pub fn specs(dir: &Path, schema: &dyn SchemaView) -> Result<Vec<Spec>, Vec<Probl
             failure: raw.failure,
             config,
             origin: format!("{SPECS_FILE}:{line}"),
+            line,
         });
     }
     if problems.is_empty() {
