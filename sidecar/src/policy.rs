@@ -6,13 +6,14 @@
 //! This module reads files and nothing else: it must never serve, cache or
 //! half-apply a bundle. A bundle either loads whole or not at all.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use cedar_policy::{
-    Entities, Entity, EntityUid, PolicyId, PolicySet, Schema, SlotId, ValidationMode, Validator,
+    Entities, Entity, EntityTypeName, EntityUid, PolicyId, PolicySet, Schema, SlotId,
+    ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use serde::{Deserialize, Serialize};
@@ -89,8 +90,11 @@ pub struct Bundle {
     /// given). Decisions and diagnostics are those of the whole set: a policy
     /// whose scope does not match is never satisfied and never errs.
     pub slices: HashMap<EntityUid, PolicySet>,
-    /// Context types per action, to locate context errors precisely.
+    /// Context types per action: the context is built with them, and they
+    /// locate context errors precisely.
     pub shapes: crate::shape::Shapes,
+    /// Every action of the schema, with the entity types it applies to.
+    pub actions: HashMap<EntityUid, Action>,
     pub counts: Counts,
     pub warnings: Vec<Problem>,
     /// The plugins of `plugins.toml`, checked against the schema (compiled
@@ -489,8 +493,13 @@ pub fn load(dir: &Path, validation: Validation) -> Result<Bundle, Problems> {
         Some(s) => slice(&policies, &entities, s),
         None => HashMap::new(),
     };
+    let actions = match &schema {
+        Some(s) => actions(s, &shapes),
+        None => HashMap::new(),
+    };
     Ok(Bundle {
         slices,
+        actions,
         dir: dir.to_path_buf(),
         policies,
         schema,
@@ -503,6 +512,48 @@ pub fn load(dir: &Path, validation: Validation) -> Result<Bundle, Problems> {
         warnings,
         plugins,
     })
+}
+
+/// An action of the schema, as the engine checks a request for it.
+#[derive(Debug)]
+pub struct Action {
+    /// The uid as text (`Agency::Action::"read"`): the key of its context type.
+    pub name: String,
+    /// The principal and resource types it applies to, enumerated types left
+    /// out (Cedar's validation checks their ids).
+    pub principals: HashSet<EntityTypeName>,
+    pub resources: HashSet<EntityTypeName>,
+}
+
+fn actions(schema: &Schema, shapes: &crate::shape::Shapes) -> HashMap<EntityUid, Action> {
+    let types =
+        |found: Option<Box<dyn Iterator<Item = &EntityTypeName> + '_>>| -> HashSet<EntityTypeName> {
+            found
+                .into_iter()
+                .flatten()
+                .filter(|t| !shapes.is_enum(&t.to_string()))
+                .cloned()
+                .collect()
+        };
+    schema
+        .actions()
+        .map(|a| {
+            let action = Action {
+                name: a.to_string(),
+                principals: types(
+                    schema
+                        .principals_for_action(a)
+                        .map(|i| Box::new(i) as Box<_>),
+                ),
+                resources: types(
+                    schema
+                        .resources_for_action(a)
+                        .map(|i| Box::new(i) as Box<_>),
+                ),
+            };
+            (a.clone(), action)
+        })
+        .collect()
 }
 
 /// The schema as the plugin loader sees it.
