@@ -159,35 +159,68 @@ pub struct Stamp<'a> {
 }
 
 impl Draft {
-    /// The record's canonical bytes.
+    /// The record's canonical bytes, written field by field in key order
+    /// (what [`crate::canon::to_vec`] gives for the same record as a JSON
+    /// value, without building one). `mask`: context paths to mask
+    /// (`context.id_token`).
     pub fn encode(&self, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
-        let mut context = self.context.clone();
-        for path in mask {
-            mask_path(&mut context, path);
+        use crate::canon::{string, strings, uint, write, write_masked};
+        let mut out = Vec::with_capacity(512);
+        let o = &mut out;
+        o.extend_from_slice(b"{\"cached\":");
+        o.extend_from_slice(if self.cached { b"true" } else { b"false" });
+        o.extend_from_slice(b",\"chain\":");
+        string(stamp.chain, o);
+        o.extend_from_slice(b",\"decision\":");
+        o.extend_from_slice(if self.allow {
+            b"\"Allow\""
+        } else {
+            b"\"Deny\""
+        });
+        o.extend_from_slice(b",\"decision_id\":");
+        string(&self.decision_id, o);
+        o.extend_from_slice(b",\"errors\":");
+        strings(&self.errors, o);
+        o.extend_from_slice(b",\"kind\":\"decision\",\"plugins\":[");
+        for (i, p) in self.plugins.iter().enumerate() {
+            if i > 0 {
+                o.push(b',');
+            }
+            write(p, o);
         }
-        crate::canon::to_vec(&json!({
-            "v": 1,
-            "kind": "decision",
-            "sidecar": stamp.sidecar,
-            "chain": stamp.chain,
-            "seq": stamp.seq,
-            "ts": stamp.ts,
-            "decision_id": self.decision_id,
-            "request": {
-                "principal": self.principal,
-                "action": self.action,
-                "resource": self.resource,
-                "context": context,
-                "entities": self.entities,
-            },
-            "decision": if self.allow { "Allow" } else { "Deny" },
-            "reasons": self.reasons,
-            "errors": self.errors,
-            "plugins": self.plugins,
-            "policy": {"epoch": self.epoch, "hash": self.policy_hash},
-            "trace_id": self.trace_id,
-            "cached": self.cached,
-        }))
+        o.extend_from_slice(b"],\"policy\":{\"epoch\":");
+        uint(self.epoch, o);
+        o.extend_from_slice(b",\"hash\":");
+        string(&self.policy_hash, o);
+        o.extend_from_slice(b"},\"reasons\":");
+        strings(&self.reasons, o);
+        o.extend_from_slice(b",\"request\":{\"action\":");
+        string(&self.action, o);
+        o.extend_from_slice(b",\"context\":");
+        let masks: Vec<&str> = mask
+            .iter()
+            .map(|m| m.strip_prefix("context.").unwrap_or(m))
+            .collect();
+        write_masked(&self.context, &masks, o);
+        o.extend_from_slice(b",\"entities\":");
+        uint(self.entities as u64, o);
+        o.extend_from_slice(b",\"principal\":");
+        string(&self.principal, o);
+        o.extend_from_slice(b",\"resource\":");
+        string(&self.resource, o);
+        o.extend_from_slice(b"},\"seq\":");
+        uint(stamp.seq, o);
+        o.extend_from_slice(b",\"sidecar\":");
+        string(stamp.sidecar, o);
+        o.extend_from_slice(b",\"trace_id\":");
+        match &self.trace_id {
+            Some(t) => string(t, o),
+            None => o.extend_from_slice(b"null"),
+        }
+        o.extend_from_slice(b",\"ts\":");
+        string(stamp.ts, o);
+        o.extend_from_slice(b",\"v\":1}");
+        out
     }
 }
 
@@ -202,28 +235,6 @@ pub fn chain_start(stamp: &Stamp<'_>, reason: &str) -> Vec<u8> {
         "ts": stamp.ts,
         "reason": reason,
     }))
-}
-
-/// Replaces the value at `context.a.b` (the leading `context.` optional).
-fn mask_path(context: &mut Value, path: &str) {
-    let path = path.strip_prefix("context.").unwrap_or(path);
-    let mut parts = path.split('.').peekable();
-    let mut at = context;
-    while let Some(part) = parts.next() {
-        let Some(obj) = at.as_object_mut() else {
-            return;
-        };
-        if parts.peek().is_none() {
-            if let Some(v) = obj.get_mut(part) {
-                *v = Value::String("<masked>".into());
-            }
-            return;
-        }
-        match obj.get_mut(part) {
-            Some(next) => at = next,
-            None => return,
-        }
-    }
 }
 
 /// RFC 3339 UTC with nanoseconds: `2026-11-28T08:00:00.123456789Z`.
@@ -346,6 +357,100 @@ mod tests {
         h.update([0u8; 32]);
         h.update(leaf);
         assert_eq!(c, <Hash>::from(h.finalize()));
+    }
+
+    /// Replaces the value at `context.a.b` (the leading `context.` optional).
+    fn mask_path(context: &mut Value, path: &str) {
+        let path = path.strip_prefix("context.").unwrap_or(path);
+        let mut parts = path.split('.').peekable();
+        let mut at = context;
+        while let Some(part) = parts.next() {
+            let Some(obj) = at.as_object_mut() else {
+                return;
+            };
+            if parts.peek().is_none() {
+                if let Some(v) = obj.get_mut(part) {
+                    *v = Value::String("<masked>".into());
+                }
+                return;
+            }
+            match obj.get_mut(part) {
+                Some(next) => at = next,
+                None => return,
+            }
+        }
+    }
+
+    /// The record as a JSON value, encoded by `canon`: what `encode` must
+    /// give, byte for byte.
+    fn reference(d: &Draft, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
+        let mut context = d.context.clone();
+        for path in mask {
+            mask_path(&mut context, path);
+        }
+        crate::canon::to_vec(&json!({
+            "v": 1,
+            "kind": "decision",
+            "sidecar": stamp.sidecar,
+            "chain": stamp.chain,
+            "seq": stamp.seq,
+            "ts": stamp.ts,
+            "decision_id": d.decision_id,
+            "request": {
+                "principal": d.principal,
+                "action": d.action,
+                "resource": d.resource,
+                "context": context,
+                "entities": d.entities,
+            },
+            "decision": if d.allow { "Allow" } else { "Deny" },
+            "reasons": d.reasons,
+            "errors": d.errors,
+            "plugins": d.plugins,
+            "policy": {"epoch": d.epoch, "hash": d.policy_hash},
+            "trace_id": d.trace_id,
+            "cached": d.cached,
+        }))
+    }
+
+    #[test]
+    fn the_encoder_gives_the_canonical_bytes() {
+        let mut d = Draft {
+            decision_id: "0193-\"quoted\"".into(),
+            principal: "Agency::User::\"é\\n\u{1}\"".into(),
+            action: "Agency::Action::\"read\"".into(),
+            resource: "R".into(),
+            context: json!({"z": 1, "a": {"y": [true, null, "x"], "b": -3}, "id_token": "t",
+                            "mfa": {"present": true, "id_token": "keep"}}),
+            entities: 2,
+            allow: false,
+            reasons: vec!["b".into(), "a\u{7f}".into()],
+            errors: vec!["policy0: \"x\"".into()],
+            epoch: 12,
+            policy_hash: "ab".into(),
+            cached: true,
+            plugins: vec![
+                json!({"name": "mfa", "us": 3, "status": "ok", "attributes": {"z": 1, "a": 2}}),
+            ],
+            trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
+        };
+        let stamp = Stamp {
+            sidecar: "side\tcar",
+            chain: "c",
+            seq: u64::MAX,
+            ts: "2026-11-28T08:00:00.000000005Z",
+        };
+        let masks = vec!["context.id_token".to_owned(), "context.a.b".to_owned()];
+        for mask in [&masks[..], &[]] {
+            assert_eq!(
+                String::from_utf8(d.encode(&stamp, mask)).unwrap(),
+                String::from_utf8(reference(&d, &stamp, mask)).unwrap()
+            );
+        }
+        d.trace_id = None;
+        d.plugins.clear();
+        d.context = json!({});
+        assert_eq!(d.encode(&stamp, &masks), reference(&d, &stamp, &masks));
     }
 
     #[test]
