@@ -13,9 +13,12 @@
 use std::str::FromStr;
 
 use cedar_policy::{
-    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request,
+    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicySet, Request,
     RequestValidationError,
 };
+use cedar_policy_core::ast;
+use cedar_policy_core::evaluator::Evaluator;
+use cedar_policy_core::extensions::Extensions;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -110,6 +113,104 @@ pub struct Outcome {
     pub reasons: Vec<String>,
     /// Policies that failed to evaluate (they count as not applying).
     pub errors: Vec<String>,
+}
+
+/// Policies ready for evaluation, each with its condition built once.
+///
+/// Cedar's `Authorizer` rebuilds every policy's condition (scope and
+/// clauses, as one expression) for every request, then evaluates it through
+/// its partial evaluator. A [`Rules`] holds the conditions and evaluates
+/// them with Cedar's own evaluator, with Cedar's semantics: Deny if a forbid
+/// is satisfied (its ids are the reasons), else Allow if a permit is (its
+/// ids), else Deny; a policy that fails to evaluate is not satisfied and its
+/// error is reported. A differential test holds it to the `Authorizer`.
+#[derive(Debug, Clone, Default)]
+pub struct Rules(Vec<Rule>);
+
+#[derive(Debug, Clone)]
+struct Rule {
+    policy: ast::Policy,
+    condition: ast::Expr,
+    id: String,
+    forbid: bool,
+}
+
+impl Rules {
+    pub fn new(policies: &PolicySet) -> Rules {
+        let set: &ast::PolicySet = policies.as_ref();
+        let mut rules: Vec<Rule> = set
+            .policies()
+            .map(|p| Rule {
+                condition: p.condition(),
+                id: p.id().to_string(),
+                forbid: p.effect() == ast::Effect::Forbid,
+                policy: p.clone(),
+            })
+            .collect();
+        rules.sort_by(|a, b| a.id.cmp(&b.id));
+        Rules(rules)
+    }
+
+    /// The policies' ids, sorted.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|r| r.id.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Evaluates every policy on `request`.
+    fn authorize(&self, request: &Request, entities: &Entities) -> Outcome {
+        let request: &ast::Request = request.as_ref();
+        let eval = Evaluator::new(
+            request.clone(),
+            entities.as_ref(),
+            Extensions::all_available(),
+        );
+        let (mut permits, mut forbids, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+        for rule in &self.0 {
+            let satisfied = match eval.interpret(&rule.condition, rule.policy.env()) {
+                Ok(v) => match v.value_kind() {
+                    ast::ValueKind::Lit(ast::Literal::Bool(b)) => Ok(*b),
+                    // A condition is a conjunction: not reached. Cedar's
+                    // own path gives the error it would give.
+                    _ => eval.evaluate(&rule.policy),
+                },
+                Err(e) => Err(e),
+            };
+            match satisfied {
+                Ok(true) if rule.forbid => forbids.push(rule.id.clone()),
+                Ok(true) => permits.push(rule.id.clone()),
+                Ok(false) => {}
+                Err(error) => {
+                    let e = cedar_policy::AuthorizationError::from(
+                        cedar_policy_core::authorizer::AuthorizationError::PolicyEvaluationError {
+                            id: rule.policy.id().clone(),
+                            error,
+                        },
+                    );
+                    errors.push(cedar_message(&e));
+                }
+            }
+        }
+        errors.sort_unstable();
+        // The rules are sorted by id, so the reasons are too.
+        let (allow, reasons) = match (forbids.is_empty(), permits.is_empty()) {
+            (false, _) => (false, forbids),
+            (true, false) => (true, permits),
+            (true, true) => (false, Vec::new()),
+        };
+        Outcome {
+            allow,
+            reasons,
+            errors,
+        }
+    }
 }
 
 impl Query {
@@ -226,9 +327,7 @@ pub fn uid(ty: &str, id: &str) -> Result<EntityUid, String> {
 
 /// Evaluates requests on bundles. Cheap to share.
 #[derive(Debug, Default)]
-pub struct Engine {
-    authorizer: Authorizer,
-}
+pub struct Engine {}
 
 impl Engine {
     pub fn new() -> Self {
@@ -237,31 +336,9 @@ impl Engine {
 
     /// Validates the input against the bundle's schema and evaluates it.
     pub fn decide(&self, bundle: &Bundle, input: Input) -> Result<Outcome, InputError> {
-        let policies = bundle.slices.get(&input.action).unwrap_or(&bundle.policies);
+        let rules = bundle.slices.get(&input.action).unwrap_or(&bundle.rules);
         let (request, extra) = prepare(bundle, input)?;
-        let response = match extra {
-            None => self
-                .authorizer
-                .is_authorized(&request, policies, &bundle.entities),
-            Some(entities) => self.authorizer.is_authorized(&request, policies, &entities),
-        };
-        let mut reasons: Vec<String> = response
-            .diagnostics()
-            .reason()
-            .map(ToString::to_string)
-            .collect();
-        reasons.sort_unstable();
-        let mut errors: Vec<String> = response
-            .diagnostics()
-            .errors()
-            .map(|e| cedar_message(e))
-            .collect();
-        errors.sort_unstable();
-        Ok(Outcome {
-            allow: response.decision() == Decision::Allow,
-            reasons,
-            errors,
-        })
+        Ok(rules.authorize(&request, extra.as_ref().unwrap_or(&bundle.entities)))
     }
 }
 
@@ -581,6 +658,111 @@ mod tests {
         assert_eq!(
             engine.decide(&bundle, wrong).unwrap_err().code,
             "invalid_principal_type"
+        );
+    }
+
+    /// The precompiled rules decide as Cedar's `Authorizer` does: same
+    /// decision, same reasons, same errors, on every user, resource, action
+    /// and context of the example (and on principals that do not exist,
+    /// whose attributes fail to evaluate).
+    #[test]
+    fn rules_agree_with_cedars_authorizer() {
+        let bundle = example();
+        let schema = bundle.schema.as_ref().unwrap();
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/entities.json"),
+        )
+        .unwrap();
+        let uids: Vec<EntityUid> = serde_json::from_str::<Vec<Value>>(&text)
+            .unwrap()
+            .iter()
+            .map(|e| parse_uid(&e["uid"]).unwrap())
+            .collect();
+        let of = |ty: &str| -> Vec<EntityUid> {
+            uids.iter()
+                .filter(|u| u.type_name().to_string() == ty)
+                .cloned()
+                .collect()
+        };
+        let mut users = of("Agency::User");
+        users.push(parse_uid(&json!("Agency::User::\"nobody\"")).unwrap());
+        let contexts = [
+            json!({}),
+            json!({"ip": "10.1.2.3", "mfa": {"present": true, "methods": ["otp"], "age_seconds": 30, "hardware": true},
+                   "network": {"zone": "on-premises", "country": "FR", "eu": true}}),
+            json!({"ip": "203.0.113.7", "risk": "0.9"}),
+            json!({"mfa": {"present": true, "methods": ["pwd"], "age_seconds": 4000, "hardware": false},
+                   "network": {"zone": "internet", "country": "US", "eu": false},
+                   "device": {"managed": false, "encrypted": true, "patched": true}}),
+        ];
+        let authorizer = cedar_policy::Authorizer::new();
+        let (mut compared, mut allowed, mut erred) = (0, 0, 0);
+        for action in schema.actions() {
+            let Some(a) = bundle.actions.get(action) else {
+                continue;
+            };
+            let resources: Vec<EntityUid> = a
+                .resources
+                .iter()
+                .flat_map(|t| of(&t.to_string()))
+                .chain([parse_uid(&json!("Agency::Record::\"missing\"")).unwrap()])
+                .collect();
+            for principal in &users {
+                for resource in &resources {
+                    if !a.resources.contains(resource.type_name()) {
+                        continue;
+                    }
+                    for context in &contexts {
+                        let c = Context::from_json_value(context.clone(), Some((schema, action)))
+                            .unwrap();
+                        let request = Request::new(
+                            principal.clone(),
+                            action.clone(),
+                            resource.clone(),
+                            c,
+                            Some(schema),
+                        )
+                        .unwrap();
+                        let theirs =
+                            authorizer.is_authorized(&request, &bundle.policies, &bundle.entities);
+                        let mut reasons: Vec<String> = theirs
+                            .diagnostics()
+                            .reason()
+                            .map(ToString::to_string)
+                            .collect();
+                        reasons.sort();
+                        let mut errors: Vec<String> = theirs
+                            .diagnostics()
+                            .errors()
+                            .map(|e| cedar_message(e))
+                            .collect();
+                        errors.sort();
+                        let expected = Outcome {
+                            allow: theirs.decision() == cedar_policy::Decision::Allow,
+                            reasons,
+                            errors,
+                        };
+                        let rules = bundle.slices.get(action).unwrap_or(&bundle.rules);
+                        assert_eq!(
+                            rules.authorize(&request, &bundle.entities),
+                            expected,
+                            "{request}"
+                        );
+                        assert_eq!(
+                            bundle.rules.authorize(&request, &bundle.entities),
+                            expected,
+                            "{request}"
+                        );
+                        compared += 1;
+                        allowed += usize::from(expected.allow);
+                        erred += usize::from(!expected.errors.is_empty());
+                    }
+                }
+            }
+        }
+        assert!(
+            compared > 500 && allowed > 20 && erred > 20,
+            "{compared} {allowed} {erred}"
         );
     }
 

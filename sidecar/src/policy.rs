@@ -89,7 +89,9 @@ pub struct Bundle {
     /// can match it (policy slicing: Cedar evaluates every policy it is
     /// given). Decisions and diagnostics are those of the whole set: a policy
     /// whose scope does not match is never satisfied and never errs.
-    pub slices: HashMap<EntityUid, PolicySet>,
+    pub slices: HashMap<EntityUid, crate::engine::Rules>,
+    /// Every policy, ready for evaluation (for an action without a slice).
+    pub rules: crate::engine::Rules,
     /// Context types per action: the context is built with them, and they
     /// locate context errors precisely.
     pub shapes: crate::shape::Shapes,
@@ -498,6 +500,7 @@ pub fn load(dir: &Path, validation: Validation) -> Result<Bundle, Problems> {
         None => HashMap::new(),
     };
     Ok(Bundle {
+        rules: crate::engine::Rules::new(&policies),
         slices,
         actions,
         dir: dir.to_path_buf(),
@@ -595,7 +598,7 @@ fn slice(
     policies: &PolicySet,
     entities: &Entities,
     schema: &Schema,
-) -> HashMap<EntityUid, PolicySet> {
+) -> HashMap<EntityUid, crate::engine::Rules> {
     use cedar_policy::ActionConstraint;
     let applies = |constraint: ActionConstraint, action: &EntityUid| match constraint {
         ActionConstraint::Any => true,
@@ -623,7 +626,7 @@ fn slice(
         // INVARIANT: a slice that could not be built is left out, and that
         // action is evaluated on the whole set.
         if ok {
-            out.insert(action.clone(), set);
+            out.insert(action.clone(), crate::engine::Rules::new(&set));
         }
     }
     out
@@ -901,7 +904,7 @@ mod example_tests {
         let b = example();
         let read: EntityUid = r#"Agency::Action::"read""#.parse().unwrap();
         let slice = &b.slices[&read];
-        let ids: Vec<String> = slice.policies().map(|p| p.id().to_string()).collect();
+        let ids: Vec<String> = slice.ids().map(str::to_owned).collect();
         assert!(ids.contains(&"staff-read-department".to_owned()));
         assert!(
             ids.contains(&"forbid-suspended".to_owned()),
