@@ -54,10 +54,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     if shared.config.policies.watch {
-        let s = Arc::clone(&shared);
+        let watching = crate::reload::watch(Arc::clone(&shared));
         std::thread::Builder::new()
             .name("vigie-reload".into())
-            .spawn(move || crate::reload::watch(s))
+            .spawn(watching)
             .context("cannot start the reload thread")?;
     }
 

@@ -47,13 +47,16 @@ fn fingerprint(dir: &Path) -> Fingerprint {
     out
 }
 
-/// Watches until the process ends. Blocking: give it a thread.
-pub fn watch(shared: Arc<Shared>) {
+/// Starts watching the policy directory, and returns the loop that reloads
+/// on changes (blocking until the process ends: give it a thread). The
+/// watch is in place and the directory's state taken when this returns, so
+/// a change made after the sidecar answers its first request is never
+/// missed, however late the thread starts.
+pub fn watch(shared: Arc<Shared>) -> impl FnOnce() + Send {
     let dir = shared.policy_dir.clone();
     let interval = Duration::from_millis(shared.config.policies.poll_interval_ms.max(10));
     let (tx, rx) = mpsc::channel::<()>();
-    // Keep the watcher alive for as long as we loop.
-    let _watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+    let watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reading the directory (as a reload does) raises access events:
         // only changes count, or every reload would trigger the next.
         if let Ok(event) = event {
@@ -76,23 +79,27 @@ pub fn watch(shared: Arc<Shared>) {
     };
 
     let mut last = fingerprint(&dir);
-    loop {
-        let changed = match rx.recv_timeout(interval) {
-            Ok(()) => {
-                // Let the burst of events settle.
-                while rx.recv_timeout(SETTLE).is_ok() {}
-                true
+    move || {
+        // The watcher lives as long as the loop.
+        let _watcher = watcher;
+        loop {
+            let changed = match rx.recv_timeout(interval) {
+                Ok(()) => {
+                    // Let the burst of events settle.
+                    while rx.recv_timeout(SETTLE).is_ok() {}
+                    true
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => fingerprint(&dir) != last,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(interval);
+                    fingerprint(&dir) != last
+                }
+            };
+            if changed {
+                last = fingerprint(&dir);
+                // Errors are logged and kept in the status by `reload` itself.
+                let _ = shared.reload();
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => fingerprint(&dir) != last,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                std::thread::sleep(interval);
-                fingerprint(&dir) != last
-            }
-        };
-        if changed {
-            last = fingerprint(&dir);
-            // Errors are logged and kept in the status by `reload` itself.
-            let _ = shared.reload();
         }
     }
 }
