@@ -284,6 +284,11 @@ async fn read_json<T: DeserializeOwned>(
 
 /// Parses JSON, naming the field at fault on a data error.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // The common case without the path tracking; a body that fails is
+    // parsed again with it, for the message.
+    if let Ok(parsed) = serde_json::from_slice(bytes) {
+        return Ok(parsed);
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

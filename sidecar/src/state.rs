@@ -311,9 +311,16 @@ impl Shared {
         active: &Active,
         mut input: Input,
     ) -> Result<(Outcome, bool, Vec<plugin::Report>), InputError> {
-        let resource_type = input.resource.type_name().to_string();
-        let action = input.action.to_string();
         let plugins = &active.plugins;
+        // Names as text, for the plugins only.
+        let (resource_type, action) = if plugins.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (
+                input.resource.type_name().to_string(),
+                input.action.to_string(),
+            )
+        };
         let run_plugins = !plugins.is_empty() && plugins.any_applies(&action, &resource_type);
         if !plugins.is_empty() {
             // The attributes a plugin owns come from the plugin only.
@@ -417,21 +424,24 @@ impl Shared {
         input: Input,
         parent: &opentelemetry::Context,
     ) -> Result<(Outcome, bool, Draft), InputError> {
-        use opentelemetry::trace::{FutureExt, SpanKind};
+        use opentelemetry::trace::{FutureExt, SpanKind, TraceContextExt};
         use opentelemetry::KeyValue;
         let principal = input.principal.to_string();
         let action = input.action.to_string();
         let resource = input.resource.to_string();
-        let types = (
-            input.principal.type_name().to_string(),
-            input.resource.type_name().to_string(),
-        );
         let context = input.context.clone();
         let entities = input.entities.len();
         // A span per decision, child of the caller's; the evaluation (on a
         // cache miss) is its child.
         let span = telemetry::start("vigie.decision", SpanKind::Server, parent);
         let trace_id = telemetry::trace_id(&span);
+        let recording = span.span().is_recording();
+        let types = recording.then(|| {
+            (
+                input.principal.type_name().to_string(),
+                input.resource.type_name().to_string(),
+            )
+        });
         let decided = self.decide(active, input).with_context(span.clone()).await;
         let (outcome, cached, reports) = match decided {
             Ok(d) => d,
@@ -441,27 +451,32 @@ impl Shared {
             }
         };
         let decision_id = uuid::Uuid::now_v7().to_string();
-        let mut attributes = vec![
-            KeyValue::new(
-                "vigie.decision",
-                if outcome.allow { "Allow" } else { "Deny" },
-            ),
-            KeyValue::new("vigie.policy_ids", outcome.reasons.join(",")),
-            KeyValue::new("vigie.principal_type", types.0),
-            KeyValue::new("vigie.action", action.clone()),
-            KeyValue::new("vigie.resource_type", types.1),
-            KeyValue::new("vigie.cache_hit", cached),
-            KeyValue::new("vigie.decision_id", decision_id.clone()),
-            KeyValue::new("vigie.policy_epoch", active.epoch as i64),
-        ];
-        if !reports.is_empty() {
-            let summary: Vec<String> = reports
-                .iter()
-                .map(|r| format!("{}={}", r.name, r.status))
-                .collect();
-            attributes.push(KeyValue::new("vigie.plugins", summary.join(",")));
+        // Attributes only for a span that is recorded (an exporter is set).
+        if let Some((principal_type, resource_type)) = types {
+            let mut attributes = vec![
+                KeyValue::new(
+                    "vigie.decision",
+                    if outcome.allow { "Allow" } else { "Deny" },
+                ),
+                KeyValue::new("vigie.policy_ids", outcome.reasons.join(",")),
+                KeyValue::new("vigie.principal_type", principal_type),
+                KeyValue::new("vigie.action", action.clone()),
+                KeyValue::new("vigie.resource_type", resource_type),
+                KeyValue::new("vigie.cache_hit", cached),
+                KeyValue::new("vigie.decision_id", decision_id.clone()),
+                KeyValue::new("vigie.policy_epoch", active.epoch as i64),
+            ];
+            if !reports.is_empty() {
+                let summary: Vec<String> = reports
+                    .iter()
+                    .map(|r| format!("{}={}", r.name, r.status))
+                    .collect();
+                attributes.push(KeyValue::new("vigie.plugins", summary.join(",")));
+            }
+            telemetry::end_decision(&span, attributes);
+        } else {
+            telemetry::end_decision(&span, Vec::new());
         }
-        telemetry::end_decision(&span, attributes);
         tracing::debug!(
             decision_id = %decision_id,
             decision = if outcome.allow { "Allow" } else { "Deny" },

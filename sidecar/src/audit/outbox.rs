@@ -103,6 +103,14 @@ struct Synced {
 struct Inner {
     writer: Mutex<Writer>,
     synced: tokio::sync::watch::Sender<Synced>,
+    /// Drafts waiting for the next group write, each with whom to tell.
+    pending: Mutex<Vec<Waiting>>,
+}
+
+/// Drafts appended together, and where their first sequence number goes.
+struct Waiting {
+    drafts: Vec<Draft>,
+    done: tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
 }
 
 /// The handle request handlers append through.
@@ -128,15 +136,66 @@ impl Outbox {
         self.append_many(vec![draft]).await.remove(0)
     }
 
-    /// Appends decisions together, in order. The write happens here, under
-    /// a lock (a `write` to the page cache: microseconds); in `power` mode
-    /// the answer then waits for the syncer thread's next fdatasync, which
-    /// covers every record written before it (group commit).
+    /// Appends decisions together, in order; resolves to their sequence
+    /// numbers once they are written (`process`) or on stable storage
+    /// (`power`).
+    ///
+    /// Group commit: the drafts join a queue; the first to join spawns the
+    /// writer task, which runs after the requests already scheduled on this
+    /// thread, so those reach the queue too and every draft waiting goes out
+    /// in one `write` (a write to the page cache, under a lock). In `power`
+    /// mode the answer then also waits for the syncer thread's next
+    /// fdatasync, which covers every record written before it.
     pub async fn append_many(&self, drafts: Vec<Draft>) -> Vec<Result<u64, AuditError>> {
         let n = drafts.len() as u64;
         if n == 0 {
             return Vec::new();
         }
+        let (done, written) = tokio::sync::oneshot::channel();
+        let first_in_queue = {
+            let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.push(Waiting { drafts, done });
+            pending.len() == 1
+        };
+        if first_in_queue {
+            // A task of its own: the queue is written even if this request
+            // is dropped (its client gone) while it waits.
+            let outbox = self.clone();
+            tokio::spawn(async move { outbox.write_pending().await });
+        }
+        let first = match written.await {
+            Ok(Ok(first)) => first,
+            Ok(Err(e)) => return (0..n).map(|_| Err(e.clone())).collect(),
+            Err(_) => return (0..n).map(|_| Err(AuditError::Stopped)).collect(),
+        };
+        if self.config.durability == Durability::Power {
+            let end = first + n;
+            let mut rx = self.inner.synced.subscribe();
+            self.position.notify();
+            let state = match rx.wait_for(|s| s.upto >= end).await {
+                Ok(s) => *s,
+                Err(_) => return (0..n).map(|_| Err(AuditError::Stopped)).collect(),
+            };
+            if state.bad.0 < end && first < state.bad.1 {
+                let e = AuditError::Io("fdatasync failed".into());
+                return (0..n).map(|_| Err(e.clone())).collect();
+            }
+        }
+        (first..first + n).map(Ok).collect()
+    }
+
+    /// Writes every queued draft with one `write` and tells each appender
+    /// where its records start.
+    async fn write_pending(&self) {
+        let waiting =
+            std::mem::take(&mut *self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut drafts = Vec::with_capacity(waiting.iter().map(|w| w.drafts.len()).sum());
+        let mut tell = Vec::with_capacity(waiting.len());
+        for w in waiting {
+            tell.push((w.drafts.len() as u64, w.done));
+            drafts.extend(w.drafts);
+        }
+        let n = drafts.len() as u64;
         let config = &*self.config;
         let deadline = std::time::Instant::now() + Duration::from_millis(config.full_wait_ms);
         let written = loop {
@@ -155,8 +214,14 @@ impl Outbox {
                 other => break other,
             }
         };
-        let first = match written {
-            Ok(first) => first,
+        match written {
+            Ok(mut first) => {
+                for (count, done) in tell {
+                    // An appender that is gone needs no answer.
+                    let _ = done.send(Ok(first));
+                    first += count;
+                }
+            }
             Err(e) => {
                 match &e {
                     AuditError::Full(_) => {
@@ -165,23 +230,11 @@ impl Outbox {
                     _ => self.position.write_failures.fetch_add(1, Ordering::Relaxed),
                 };
                 tracing::error!(error = %e, records = n, "decision records not written; those decisions are denied");
-                return (0..n).map(|_| Err(e.clone())).collect();
-            }
-        };
-        if config.durability == Durability::Power {
-            let end = first + n;
-            let mut rx = self.inner.synced.subscribe();
-            self.position.notify();
-            let state = match rx.wait_for(|s| s.upto >= end).await {
-                Ok(s) => *s,
-                Err(_) => return (0..n).map(|_| Err(AuditError::Stopped)).collect(),
-            };
-            if state.bad.0 < end && first < state.bad.1 {
-                let e = AuditError::Io("fdatasync failed".into());
-                return (0..n).map(|_| Err(e.clone())).collect();
+                for (_, done) in tell {
+                    let _ = done.send(Err(e.clone()));
+                }
             }
         }
-        (first..first + n).map(Ok).collect()
     }
 }
 
@@ -363,6 +416,7 @@ pub fn open(
     let inner = Arc::new(Inner {
         writer: Mutex::new(writer),
         synced,
+        pending: Mutex::new(Vec::new()),
     });
     if power {
         let (i, p) = (Arc::clone(&inner), Arc::clone(&position));
