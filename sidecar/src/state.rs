@@ -306,10 +306,12 @@ impl Shared {
     /// Answers from the cache, or runs the plugins that apply, evaluates and
     /// caches. Returns the outcome, whether it came from the cache, and what
     /// each plugin did. `active` is the request's snapshot.
+    /// `uids`: the principal's, action's and resource's uids as text.
     pub async fn decide(
         &self,
         active: &Active,
         mut input: Input,
+        uids: [&str; 3],
     ) -> Result<(Outcome, bool, Vec<plugin::Report>), InputError> {
         let plugins = &active.plugins;
         // Names as text, for the plugins only.
@@ -339,7 +341,7 @@ impl Shared {
         let key = self
             .cache
             .enabled()
-            .then(|| cache::key(&active.bundle.hash, &input));
+            .then(|| cache::key_with(&active.bundle.hash, uids, &input));
         let now = cache::now_ms();
         if let Some(key) = &key {
             // INVARIANT: only valid requests are ever cached, so a hit needs
@@ -442,7 +444,10 @@ impl Shared {
                 input.resource.type_name().to_string(),
             )
         });
-        let decided = self.decide(active, input).with_context(span.clone()).await;
+        let decided = self
+            .decide(active, input, [&principal, &action, &resource])
+            .with_context(span.clone())
+            .await;
         let (outcome, cached, reports) = match decided {
             Ok(d) => d,
             Err(e) => {

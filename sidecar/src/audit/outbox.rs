@@ -71,6 +71,9 @@ pub struct Position {
     pub write_failures: AtomicU64,
     pub full_refusals: AtomicU64,
     changed: (Mutex<()>, Condvar),
+    /// Threads inside [`Position::wait`]: with none, a notification costs
+    /// nothing (no futex call on every write).
+    waiting: AtomicU64,
 }
 
 impl Position {
@@ -79,8 +82,11 @@ impl Position {
         (self.written.load(Ordering::Acquire), *head)
     }
 
-    /// Wakes whoever waits for a change (the shipper, a writer waiting for room).
+    /// Wakes whoever waits for a change (the shipper, the syncer).
     pub fn notify(&self) {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let _g = self.changed.0.lock();
         self.changed.1.notify_all();
     }
@@ -88,7 +94,9 @@ impl Position {
     /// Waits for a change, at most `timeout`.
     pub fn wait(&self, timeout: Duration) {
         let g = self.changed.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.waiting.fetch_add(1, Ordering::AcqRel);
         let _ = self.changed.1.wait_timeout(g, timeout);
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -446,6 +454,7 @@ fn new_position(chain: String, written: u64, head: Hash, acked: u64, bytes: u64)
         write_failures: AtomicU64::new(0),
         full_refusals: AtomicU64::new(0),
         changed: (Mutex::new(()), Condvar::new()),
+        waiting: AtomicU64::new(0),
     })
 }
 
