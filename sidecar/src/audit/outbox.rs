@@ -149,9 +149,10 @@ impl Outbox {
     /// (`power`).
     ///
     /// Group commit: the drafts join a queue; the first to join spawns the
-    /// writer task, which runs after the requests already scheduled on this
-    /// thread, so those reach the queue too and every draft waiting goes out
-    /// in one `write` (a write to the page cache, under a lock). In `power`
+    /// writer task, which yields once so that it runs after the requests
+    /// already scheduled on this thread: those reach the queue too, and
+    /// every draft waiting goes out in one `write` (to the page cache, under
+    /// a lock). In `power`
     /// mode the answer then also waits for the syncer thread's next
     /// fdatasync, which covers every record written before it.
     pub async fn append_many(&self, drafts: Vec<Draft>) -> Vec<Result<u64, AuditError>> {
@@ -169,7 +170,12 @@ impl Outbox {
             // A task of its own: the queue is written even if this request
             // is dropped (its client gone) while it waits.
             let outbox = self.clone();
-            tokio::spawn(async move { outbox.write_pending().await });
+            tokio::spawn(async move {
+                // A task spawned from a worker runs next (tokio's LIFO
+                // slot): step back behind the tasks already scheduled.
+                tokio::task::yield_now().await;
+                outbox.write_pending().await
+            });
         }
         let first = match written.await {
             Ok(Ok(first)) => first,
