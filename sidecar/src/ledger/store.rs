@@ -20,6 +20,31 @@ use super::merkle::Frontier;
 use crate::audit::{chain_hash, leaf_hash, rfc3339_nanos, Hash, GENESIS};
 use crate::note::{self, KeyPair, PublicKey};
 
+/// The fields of a record the ledger checks and indexes; the rest of the
+/// record is skipped, not built (it is stored as the bytes it came as).
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    sidecar: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    chain: std::borrow::Cow<'a, str>,
+    seq: u64,
+    #[serde(borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    decision_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl<'a> Envelope<'a> {
+    /// `Err(true)`: not JSON; `Err(false)`: JSON without the fields.
+    fn parse(bytes: &'a [u8]) -> Result<Envelope<'a>, bool> {
+        serde_json::from_slice(bytes)
+            .map_err(|_| serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err())
+    }
+}
+
 /// Why a batch was refused. `code` is stable; `status` the HTTP status.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -343,16 +368,22 @@ impl Store {
         let mut parsed = Vec::with_capacity(records.len());
         for (i, bytes) in records.iter().enumerate() {
             let seq = first + i as u64;
-            let v: Value = serde_json::from_slice(bytes)
-                .map_err(|_| refuse(400, "bad_record", format!("record {seq} is not JSON")))?;
-            if v["sidecar"] != sidecar.as_str() || v["chain"] != chain.as_str() || v["seq"] != seq {
+            let v = Envelope::parse(bytes).map_err(|not_json| {
+                let what = if not_json {
+                    "is not JSON"
+                } else {
+                    "does not carry the sidecar, chain and seq of its batch"
+                };
+                refuse(400, "bad_record", format!("record {seq} {what}"))
+            })?;
+            if v.sidecar != sidecar.as_str() || v.chain != chain.as_str() || v.seq != seq {
                 return Err(refuse(
                     400,
                     "bad_record",
                     format!("record {seq} does not carry the sidecar, chain and seq of its batch"),
                 ));
             }
-            if seq == 0 && v["kind"] != "chain_start" {
+            if seq == 0 && v.kind.as_deref() != Some("chain_start") {
                 return Err(refuse(
                     400,
                     "bad_record",
@@ -415,7 +446,7 @@ impl Store {
                         .map(|v| read_be(&v));
                     let reason = parsed
                         .first()
-                        .and_then(|p| p.1["reason"].as_str().map(str::to_owned));
+                        .and_then(|p| p.1.reason.as_deref().map(str::to_owned));
                     self.event("chain_reset", json!({"sidecar": sidecar, "old_chain": old, "old_next_seq": old_next, "new_chain": chain, "reason": reason}));
                 }
             }
@@ -442,7 +473,7 @@ impl Store {
             self.by_chain
                 .insert(seq_key(&sidecar, &chain, *seq), loc)
                 .map_err(db_err)?;
-            if let Some(id) = v["decision_id"].as_str() {
+            if let Some(id) = v.decision_id.as_deref() {
                 self.by_id
                     .insert(id.as_bytes(), &be(index))
                     .map_err(db_err)?;
