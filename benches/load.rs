@@ -25,11 +25,14 @@ pub fn pinned(program: &str) -> Command {
 /// after it (the address) and keeps draining the rest.
 pub fn address(child: &mut Child, marker: &str) -> String {
     let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+    let mut seen = String::new();
     let addr = loop {
-        let line = lines
-            .next()
-            .expect("the server exited")
-            .expect("readable log");
+        let Some(line) = lines.next() else {
+            panic!("the server exited before listening; its log:\n{seen}");
+        };
+        let line = line.expect("readable log");
+        seen.push_str(&line);
+        seen.push('\n');
         if let Some(rest) = line.split(marker).nth(1) {
             break rest
                 .split_whitespace()
@@ -57,6 +60,11 @@ pub fn serve(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (Ch
         .env("VIGIE_PLUGINS_ENABLED", "false")
         .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped());
+    // The benches' own switches are not sidecar settings (vigie refuses a
+    // `VIGIE_` variable it does not know).
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("VIGIE_BENCH_")) {
+        c.env_remove(k);
+    }
     let mut child = c.spawn().expect("start vigie");
     let addr = address(&mut child, "listening (HTTP) addr=");
     (child, addr)
