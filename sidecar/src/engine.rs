@@ -13,8 +13,7 @@
 use std::str::FromStr;
 
 use cedar_policy::{
-    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicySet, Request,
-    RequestValidationError,
+    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request, RequestValidationError,
 };
 use cedar_policy_core::ast;
 use cedar_policy_core::evaluator::Evaluator;
@@ -136,10 +135,11 @@ struct Rule {
 }
 
 impl Rules {
-    pub fn new(policies: &PolicySet) -> Rules {
-        let set: &ast::PolicySet = policies.as_ref();
-        let mut rules: Vec<Rule> = set
-            .policies()
+    /// The policies given (static ones and template links).
+    pub fn new<'a>(policies: impl IntoIterator<Item = &'a cedar_policy::Policy>) -> Rules {
+        let mut rules: Vec<Rule> = policies
+            .into_iter()
+            .map(|p| -> &ast::Policy { p.as_ref() })
             .map(|p| Rule {
                 condition: p.condition(),
                 id: p.id().to_string(),
@@ -154,14 +154,6 @@ impl Rules {
     /// The policies' ids, sorted.
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(|r| r.id.as_str())
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Evaluates every policy on `request`.

@@ -500,7 +500,7 @@ pub fn load(dir: &Path, validation: Validation) -> Result<Bundle, Problems> {
         None => HashMap::new(),
     };
     Ok(Bundle {
-        rules: crate::engine::Rules::new(&policies),
+        rules: crate::engine::Rules::new(policies.policies()),
         slices,
         actions,
         dir: dir.to_path_buf(),
@@ -607,29 +607,15 @@ fn slice(
             .iter()
             .any(|g| g == action || entities.is_ancestor_of(g, action)),
     };
-    let mut out = HashMap::new();
-    for action in schema.actions() {
-        let mut set = PolicySet::new();
-        let mut ok = true;
-        for t in policies.templates() {
-            ok &= set.add_template(t.clone()).is_ok();
-        }
-        for p in policies.policies() {
-            if !applies(p.action_constraint(), action) {
-                continue;
-            }
-            ok &= match (p.template_id(), p.template_links()) {
-                (Some(t), Some(values)) => set.link(t.clone(), p.id().clone(), values).is_ok(),
-                _ => set.add(p.clone()).is_ok(),
-            };
-        }
-        // INVARIANT: a slice that could not be built is left out, and that
-        // action is evaluated on the whole set.
-        if ok {
-            out.insert(action.clone(), crate::engine::Rules::new(&set));
-        }
-    }
-    out
+    schema
+        .actions()
+        .map(|action| {
+            let applying = policies
+                .policies()
+                .filter(|p| applies(p.action_constraint(), action));
+            (action.clone(), crate::engine::Rules::new(applying))
+        })
+        .collect()
 }
 
 enum Item {

@@ -314,16 +314,14 @@ impl Shared {
         uids: [&str; 3],
     ) -> Result<(Outcome, bool, Vec<plugin::Report>), InputError> {
         let plugins = &active.plugins;
-        // Names as text, for the plugins only.
-        let (resource_type, action) = if plugins.is_empty() {
-            (String::new(), String::new())
+        let action = uids[1];
+        // The resource's type as text, for the plugins only.
+        let resource_type = if plugins.is_empty() {
+            String::new()
         } else {
-            (
-                input.resource.type_name().to_string(),
-                input.action.to_string(),
-            )
+            input.resource.type_name().to_string()
         };
-        let run_plugins = !plugins.is_empty() && plugins.any_applies(&action, &resource_type);
+        let run_plugins = !plugins.is_empty() && plugins.any_applies(action, &resource_type);
         if !plugins.is_empty() {
             // The attributes a plugin owns come from the plugin only.
             if let Some(obj) = input.context.as_object() {
@@ -355,7 +353,7 @@ impl Shared {
         if run_plugins {
             // A context the schema refuses is the caller's fault (400), not
             // something for the plugins to fail on.
-            if let Some((path, what)) = active.bundle.shapes.locate(&action, &input.context) {
+            if let Some((path, what)) = active.bundle.shapes.locate(action, &input.context) {
                 let path = path.replacen("context", input.paths.context, 1);
                 return Err(InputError::new(
                     "invalid_context",
@@ -368,7 +366,7 @@ impl Shared {
             let resource = input.resource.to_string();
             let call = plugin::Call {
                 principal: &principal,
-                action: &action,
+                action,
                 resource: &resource,
                 context: &context_text,
                 now_unix_ms: now as i64,
@@ -378,9 +376,8 @@ impl Shared {
                 _ => serde_json::Map::new(),
             };
             let shapes = &active.bundle.shapes;
-            let fits = |attr: &str, value: &serde_json::Value| {
-                shapes.check_attribute(&action, attr, value)
-            };
+            let fits =
+                |attr: &str, value: &serde_json::Value| shapes.check_attribute(action, attr, value);
             enriched = plugins.enrich(&call, &resource_type, &mut map, &fits).await;
             input.context = serde_json::Value::Object(map);
             if let Some((allow, reason, error)) = enriched.verdict.take() {
