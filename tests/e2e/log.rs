@@ -649,6 +649,23 @@ fn the_ledger_refuses_bad_batches_with_a_reason() {
     // The honest continuation is still accepted.
     let (code, body) = post(&ledger, &f.batch(3, 5));
     assert_eq!((code, body["next"].clone()), (200, json!(6)), "{body}");
+
+    // A batch that overlaps two stored ones and brings two more: the held
+    // records are checked byte for byte, the new ones appended.
+    f.record("decision", "Allow");
+    f.record("decision", "Deny");
+    let (code, body) = post(&ledger, &f.batch(2, 7));
+    assert_eq!(
+        (code, body["appended"].clone(), body["duplicates"].clone()),
+        (200, json!(2), json!(4)),
+        "{body}"
+    );
+    // Every record reads back as the bytes sent, with the chain around it.
+    for (seq, bytes) in f.records.iter().enumerate() {
+        let d = ledger.get(&format!("/v1/decisions/forged-{seq}")).json();
+        assert_eq!(d["bytes"], json!(B64.encode(bytes)), "seq {seq}: {d}");
+        assert_eq!(d["index"], json!(seq), "{d}");
+    }
 }
 
 #[test]

@@ -503,12 +503,12 @@ fn decisions(state: &State, q: &BTreeMap<String, String>) -> Response<Body> {
         .unwrap_or(0);
     let mut out = Vec::new();
     let mut next = None;
-    for (index, bytes) in state.store.records_from(cursor) {
+    for stored in state.store.records_from(cursor) {
         if out.len() == limit {
-            next = Some(index.to_string());
+            next = Some(stored.index.to_string());
             break;
         }
-        let Ok(rec) = serde_json::from_slice::<Value>(&bytes) else {
+        let Ok(rec) = serde_json::from_slice::<Value>(&stored.bytes) else {
             continue;
         };
         if matches(&rec, q) {
@@ -604,19 +604,20 @@ fn export(state: &Arc<State>, q: &BTreeMap<String, String>) -> Response<Body> {
             );
         }
         let ranged = q.contains_key("from") || q.contains_key("to");
-        for (index, bytes) in state.store.records_from(0) {
+        for stored in state.store.records_from(0) {
+            let (index, bytes) = (stored.index, &stored.bytes);
             if index >= size {
                 break;
             }
-            let rec: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let rec: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
             let in_range = !ranged || in_time_range(&rec, &q);
             let line = if in_range {
-                let (prev, chain) = state.store.chain_of(&rec).unwrap_or(([0; 32], [0; 32]));
+                let (prev, chain) = (stored.prev, stored.chain);
                 json!({"type": "record", "index": index, "decision_id": rec["decision_id"], "sidecar": rec["sidecar"],
                        "chain_id": rec["chain"], "seq": rec["seq"], "prev": B64.encode(prev), "chain": B64.encode(chain),
-                       "bytes": B64.encode(&bytes)})
+                       "bytes": B64.encode(bytes)})
             } else {
-                json!({"type": "leaf", "index": index, "leaf": B64.encode(crate::audit::leaf_hash(&bytes))})
+                json!({"type": "leaf", "index": index, "leaf": B64.encode(crate::audit::leaf_hash(bytes))})
             };
             if !push(line, &mut buf) {
                 return;
