@@ -82,21 +82,30 @@ impl Position {
         (self.written.load(Ordering::Acquire), *head)
     }
 
-    /// Wakes whoever waits for a change (the shipper, the syncer).
+    /// Wakes whoever waits for a change (the shipper, the syncer). Call it
+    /// after the change is visible (`written` stored).
     pub fn notify(&self) {
-        if self.waiting.load(Ordering::Acquire) == 0 {
+        // Pairs with the fence in `wait_until`: either the waiter is counted
+        // here, or it sees the change before it sleeps.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
         let _g = self.changed.0.lock();
         self.changed.1.notify_all();
     }
 
-    /// Waits for a change, at most `timeout`.
-    pub fn wait(&self, timeout: Duration) {
+    /// Waits for a change, at most `timeout`, unless `ready()` already
+    /// holds (checked once the waiter is counted, so that a change made
+    /// meanwhile is not missed).
+    pub fn wait_until(&self, ready: impl Fn() -> bool, timeout: Duration) {
         let g = self.changed.0.lock().unwrap_or_else(|p| p.into_inner());
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        let _ = self.changed.1.wait_timeout(g, timeout);
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !ready() {
+            let _ = self.changed.1.wait_timeout(g, timeout);
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -185,7 +194,6 @@ impl Outbox {
         if self.config.durability == Durability::Power {
             let end = first + n;
             let mut rx = self.inner.synced.subscribe();
-            self.position.notify();
             let state = match rx.wait_for(|s| s.upto >= end).await {
                 Ok(s) => *s,
                 Err(_) => return (0..n).map(|_| Err(AuditError::Stopped)).collect(),
@@ -217,6 +225,11 @@ impl Outbox {
                 let mut w = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
                 w.append(&drafts)
             };
+            if attempt.is_ok() {
+                // After the lock is released: the syncer and the shipper
+                // take it as soon as they wake.
+                self.position.notify();
+            }
             match attempt {
                 Err(AuditError::Full(_))
                     if config.when_full == WhenFull::Backpressure
@@ -255,17 +268,31 @@ impl Outbox {
 /// The syncer (power mode): fdatasync whenever records were written since
 /// the last one, then tell the waiters. Runs on its own thread.
 fn sync_loop(inner: Arc<Inner>, position: Arc<Position>) {
+    // A handle on the segment being written, taken again only when the
+    // writer moves to a new one (it syncs the one it closes itself).
+    let mut segment: Option<(u64, File)> = None;
     loop {
         let (written, file) = {
             let w = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-            (w.next, w.file.try_clone())
+            let file = match segment.take() {
+                Some((first, f)) if first == w.segment => Ok((first, f)),
+                _ => w.file.try_clone().map(|f| (w.segment, f)),
+            };
+            (w.next, file)
         };
         let synced = inner.synced.borrow().upto;
         if written <= synced {
-            position.wait(Duration::from_millis(50));
+            segment = file.ok();
+            let more = || position.written.load(Ordering::Acquire) > written;
+            position.wait_until(more, Duration::from_millis(50));
             continue;
         }
-        match file.and_then(|f| f.sync_data()) {
+        let synced = file.and_then(|(first, f)| {
+            let r = f.sync_data();
+            segment = Some((first, f));
+            r
+        });
+        match synced {
             Ok(()) => {
                 inner.synced.send_modify(|s| s.upto = written);
             }
@@ -376,6 +403,8 @@ struct Writer {
     config: Config,
     position: Arc<Position>,
     file: File,
+    /// First sequence number of the segment `file` is.
+    segment: u64,
     file_len: u64,
     next: u64,
     head: Hash,
@@ -490,6 +519,7 @@ fn start_chain(
         config: config.clone(),
         position,
         file,
+        segment: 0,
         file_len: SEGMENT_HEADER,
         next: 0,
         head: GENESIS,
@@ -590,6 +620,7 @@ fn recover(
             config: config.clone(),
             position,
             file: f,
+            segment: first,
             file_len: good,
             next,
             head,
@@ -640,6 +671,7 @@ impl Writer {
             // A closed segment is made durable before the next one starts.
             self.file.sync_data().map_err(io)?;
             self.file = new_segment(&self.dir, self.next, &self.head)?;
+            self.segment = self.next;
             self.file_len = SEGMENT_HEADER;
             self.position
                 .bytes
@@ -675,7 +707,6 @@ impl Writer {
             *h = head;
             self.position.written.store(self.next, Ordering::Release);
         }
-        self.position.notify();
         Ok(first)
     }
 }

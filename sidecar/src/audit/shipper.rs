@@ -103,7 +103,8 @@ pub fn run(outbox: Outbox, key: Arc<KeyPair>, sidecar: String, config: Config, s
             );
             (key.sign_note(&text), Vec::new())
         } else {
-            pos.wait(Duration::from_millis(config.heartbeat_ms.min(1000)));
+            let more = || pos.written.load(Ordering::Acquire) > written;
+            pos.wait_until(more, Duration::from_millis(config.heartbeat_ms.min(1000)));
             continue;
         };
 
