@@ -104,7 +104,8 @@ pub fn run(outbox: Outbox, key: Arc<KeyPair>, sidecar: String, config: Config, s
             (key.sign_note(&text), Vec::new())
         } else {
             let more = || pos.written.load(Ordering::Acquire) > written;
-            pos.wait_until(more, Duration::from_millis(config.heartbeat_ms.min(1000)));
+            pos.changed
+                .wait_until(more, Duration::from_millis(config.heartbeat_ms.min(1000)));
             continue;
         };
 
