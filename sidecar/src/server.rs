@@ -71,7 +71,7 @@ impl From<InputError> for ApiError {
     }
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+fn json_response(status: StatusCode, value: &(impl serde::Serialize + ?Sized)) -> Response<Body> {
     let bytes = serde_json::to_vec(value).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
@@ -202,8 +202,8 @@ async fn route(
         "/v1/reload" => reload(shared).await,
         "/v1/is_authorized" => {
             let query: Query = read_json(shared, req).await?;
-            let answer = decide(shared, query, parent).await?;
-            Ok(json_response(StatusCode::OK, &answer))
+            let logged = decide(shared, query, parent).await?;
+            Ok(json_response(StatusCode::OK, &Answer::of(&logged)))
         }
         "/v1/is_authorized/batch" => {
             let batch: Value = read_json(shared, req).await?;
@@ -311,33 +311,54 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// read: parse, validate, authorize, log, serialize. (Used by the benchmarks.)
 pub async fn is_authorized(shared: &Shared, body: &[u8]) -> Result<Vec<u8>, ApiError> {
     let query: Query = parse_json(body)?;
-    let answer = decide(shared, query, &opentelemetry::Context::new()).await?;
-    Ok(serde_json::to_vec(&answer).unwrap_or_default())
+    let logged = decide(shared, query, &opentelemetry::Context::new()).await?;
+    Ok(serde_json::to_vec(&Answer::of(&logged)).unwrap_or_default())
 }
 
 async fn decide(
     shared: &Shared,
     query: Query,
     parent: &opentelemetry::Context,
-) -> Result<Value, ApiError> {
+) -> Result<Logged, ApiError> {
     let active = shared.active();
     let input = query.into_input()?;
     let logged = shared.decide_logged(&active, input, parent).await?;
     shared
         .metrics
         .decision(Endpoint::IsAuthorized, logged.outcome.allow);
-    Ok(answer(&logged))
+    Ok(logged)
 }
 
-/// The native answer.
-fn answer(l: &Logged) -> Value {
-    let o = &l.outcome;
-    json!({
-        "decision": if o.allow { "Allow" } else { "Deny" },
-        "diagnostics": {"reason": o.reasons, "errors": o.errors},
-        "decision_id": l.decision_id,
-        "cached": l.cached,
-    })
+/// The native answer, serialized straight from the decision (no JSON tree
+/// in between): `{"decision", "diagnostics": {"reason", "errors"},
+/// "decision_id", "cached"}`.
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    decision: &'static str,
+    diagnostics: Diagnostics<'a>,
+    decision_id: &'a str,
+    cached: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Diagnostics<'a> {
+    reason: &'a [String],
+    errors: &'a [String],
+}
+
+impl<'a> Answer<'a> {
+    fn of(l: &'a Logged) -> Self {
+        let o = &l.outcome;
+        Answer {
+            decision: if o.allow { "Allow" } else { "Deny" },
+            diagnostics: Diagnostics {
+                reason: &o.reasons,
+                errors: &o.errors,
+            },
+            decision_id: &l.decision_id,
+            cached: l.cached,
+        }
+    }
 }
 
 fn batch_items(body: Value) -> Result<Vec<Value>, ApiError> {
@@ -435,7 +456,10 @@ async fn batch_decide(
     let responses: Vec<Value> = slots
         .into_iter()
         .map(|slot| match slot {
-            Ok(i) => logged.get(i).map(answer).unwrap_or(Value::Null),
+            Ok(i) => logged
+                .get(i)
+                .and_then(|l| serde_json::to_value(Answer::of(l)).ok())
+                .unwrap_or(Value::Null),
             Err(body) => body,
         })
         .collect();
