@@ -396,9 +396,51 @@ fn run_bare_server() {
     });
 }
 
+/// `--fsync-probe DIR`: what one fdatasync costs on that disk, from the
+/// server's core: appends a record-sized write and syncs it, 2,000 times;
+/// prints the median in microseconds.
+fn run_fsync_probe(dir: &std::path::Path) {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("probe"))
+        .unwrap();
+    let record = [b'x'; 700];
+    let mut took: Vec<Duration> = (0..2000)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f.write_all(&record).unwrap();
+            f.sync_data().unwrap();
+            t.elapsed()
+        })
+        .collect();
+    took.sort();
+    println!("{:.0}", took[took.len() / 2].as_secs_f64() * 1e6);
+}
+
+/// The median fdatasync, measured pinned to the servers' core on the disk
+/// their data directories are on.
+fn fsync_p50() -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let out = load::pinned(exe.to_str().unwrap())
+        .arg("--fsync-probe")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the fdatasync probe failed");
+    let micros: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    Duration::from_secs_f64(micros / 1e6)
+}
+
 fn main() {
-    if std::env::args().any(|a| a == "--bare-server") {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bare-server") {
         return run_bare_server();
+    }
+    if let Some(i) = args.iter().position(|a| a == "--fsync-probe") {
+        return run_fsync_probe(std::path::Path::new(&args[i + 1]));
     }
     if !std::env::args().any(|a| a == "--bench") {
         return;
@@ -490,6 +532,8 @@ fn main() {
     }
     let mut bare: Vec<(usize, f64, Duration)> = Vec::new();
     let mut cerbos_audited: Vec<(usize, f64)> = Vec::new();
+    // Every Vigie row, for the targets: (name, conns, stats, peak RSS KiB).
+    let mut rows: Vec<(&str, usize, load::Stats, u64)> = Vec::new();
     for (name, server) in &configs {
         for conns in [1usize, 32] {
             let data = tempfile::tempdir().unwrap();
@@ -573,10 +617,88 @@ fn main() {
             );
             print!("{line}");
             table.push_str(&line);
+            rows.push((*name, conns, r, rss));
         }
     }
+    table.push_str(&targets(&rows, &bare, &cerbos_audited, fsync_p50()));
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/compare.md");
     let _ = std::fs::create_dir_all(out.parent().unwrap());
     let _ = std::fs::write(&out, &table);
     println!("\n{table}");
+}
+
+/// The load targets of DESIGN.md, each with the ratio this run measured.
+fn targets(
+    rows: &[(&str, usize, load::Stats, u64)],
+    bare: &[(usize, f64, Duration)],
+    cerbos: &[(usize, f64)],
+    fsync: Duration,
+) -> String {
+    let row = |name: &str, conns: usize| {
+        rows.iter()
+            .find(|(n, c, _, _)| *n == name && *c == conns)
+            .map(|(_, _, s, rss)| (s, *rss))
+            .unwrap()
+    };
+    let bare_at = |conns: usize| {
+        bare.iter()
+            .find(|b| b.0 == conns)
+            .map(|b| (b.1, b.2))
+            .unwrap()
+    };
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let met = |ok: bool| if ok { "yes" } else { "no" };
+    let mut out = format!(
+        "\nOne fdatasync on the data disk, from the servers' core: p50 {:.0} µs.\n\n\
+         | target (DESIGN.md) | measured | met |\n|---|---|---|\n",
+        us(fsync)
+    );
+    let (process1, _) = row("vigie, cache off, process", 1);
+    let ratio = us(process1.p50) / us(bare_at(1).1);
+    out += &format!(
+        "| 1 conn, cache off, `process`: p50 ≤ 1.5× bare | {ratio:.2}× ({:.0} µs against {:.0} µs) | {} |\n",
+        us(process1.p50),
+        us(bare_at(1).1),
+        met(ratio <= 1.5)
+    );
+    let (power1, _) = row("vigie, cache off, power", 1);
+    let limit = us(process1.p50) + us(fsync);
+    out += &format!(
+        "| 1 conn, cache off, `power`: p50 ≤ `process` p50 + one fdatasync | {:.0} µs against {limit:.0} µs | {} |\n",
+        us(power1.p50),
+        met(us(power1.p50) <= limit)
+    );
+    let (process32, _) = row("vigie, cache off, process", 32);
+    let ratio = process32.rps / bare_at(32).0;
+    out += &format!(
+        "| 32 conns, cache off: ≥ 30% of bare | {:.0}% ({:.0} req/s) | {} |\n",
+        ratio * 100.0,
+        process32.rps,
+        met(ratio >= 0.30)
+    );
+    match cerbos.iter().find(|c| c.0 == 32) {
+        Some((_, crps)) => {
+            let ratio = process32.rps / crps;
+            out += &format!(
+                "| 32 conns, cache off: ≥ 20× Cerbos (audit on) | {ratio:.1}× | {} |\n",
+                met(ratio >= 20.0)
+            );
+        }
+        None => out += "| 32 conns, cache off: ≥ 20× Cerbos (audit on) | Cerbos left out | – |\n",
+    }
+    let (hits32, _) = row("vigie, cache on, process", 32);
+    let ratio = hits32.rps / bare_at(32).0;
+    out += &format!(
+        "| 32 conns, cache hits: ≥ 60% of bare | {:.0}% ({:.0} req/s) | {} |\n",
+        ratio * 100.0,
+        hits32.rps,
+        met(ratio >= 0.60)
+    );
+    let (_, rss) = row("vigie + 3 plugins, cache on, process", 32);
+    let mb = rss as f64 * 1024.0 / 1e6;
+    out += &format!(
+        "| RSS ≤ 40 MB with the plugins, under load (32 conns) | {mb:.1} MB | {} |\n",
+        met(mb <= 40.0)
+    );
+    out
 }

@@ -173,11 +173,28 @@ fn log(c: &mut Criterion) {
         ..Default::default()
     };
     let mut g = c.benchmark_group("log");
-    for (name, durability) in [
-        ("append_process", vigie::audit::Durability::Process),
-        ("append_power_fdatasync", vigie::audit::Durability::Power),
+    // Started inside the runtime, the sidecar sees its one worker: in
+    // `power` mode the group writer syncs a lone record itself. Started
+    // outside, it hands every sync to the syncer thread.
+    for (name, durability, inside) in [
+        ("append_process", vigie::audit::Durability::Process, true),
+        (
+            "append_power_fdatasync",
+            vigie::audit::Durability::Power,
+            true,
+        ),
+        (
+            "append_power_via_syncer",
+            vigie::audit::Durability::Power,
+            false,
+        ),
     ] {
-        let shared = start_with(&data.path().join(name), off.clone(), durability);
+        let dir = data.path().join(name);
+        let shared = if inside {
+            rt.block_on(async { start_with(&dir, off.clone(), durability) })
+        } else {
+            start_with(&dir, off.clone(), durability)
+        };
         let active = shared.active();
         let query: Query = serde_json::from_str(
             r#"{"principal":"Agency::User::\"alice\"","action":"Agency::Action::\"read\"","resource":"Agency::Record::\"social-001\"","context":{"ip":"10.1.2.3"}}"#,
@@ -192,6 +209,22 @@ fn log(c: &mut Criterion) {
             .unwrap();
         g.bench_function(name, |b| {
             b.iter(|| rt.block_on(shared.log_all(vec![decided.clone()])))
+        });
+    }
+    // The disk alone: a record-sized append and its fdatasync.
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.path().join("probe"))
+            .unwrap();
+        let record = [b'x'; 700];
+        g.bench_function("write_fdatasync_alone", |b| {
+            b.iter(|| {
+                f.write_all(&record).unwrap();
+                f.sync_data().unwrap()
+            })
         });
     }
     // The alternative the outbox was measured against: sled, one insert and
