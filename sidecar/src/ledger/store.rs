@@ -462,6 +462,14 @@ impl Store {
                 })
             })
             .collect::<Result<_, _>>()?;
+        // A block addresses its bytes with 32-bit offsets.
+        if records.iter().map(|r| r.len() as u64).sum::<u64>() > u64::from(u32::MAX) {
+            return Err(refuse(
+                413,
+                "bad_batch",
+                "the batch's records are over 4 GiB; send smaller batches",
+            ));
+        }
 
         if first > next {
             let mut r = refuse(
