@@ -77,6 +77,50 @@ pub enum StartError {
     Outbox(#[from] outbox::AuditError),
     #[error("{0}")]
     Plugins(String),
+    #[error("{0}")]
+    DataDir(String),
+}
+
+/// Takes `<data-dir>/lock` for the life of the process: two sidecars on one
+/// data directory would interleave their records in one outbox (breaking
+/// its chain) and take each other's cache for a damaged one. The lock is
+/// the kernel's (`flock`): a sidecar killed with `-9` leaves none behind.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = dir.join("lock");
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        StartError::DataDir(format!("cannot {what} `{}`: {e}", path.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| failed("create the directory of", &e))?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| failed("open", &e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            };
+            return Err(StartError::DataDir(format!(
+                "the data directory `{}` is in use by another vigie{holder}; \
+                 give each sidecar its own (--data-dir)",
+                dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(failed("lock", &e)),
+    }
+    // Whose it is, for the message above (the lock itself is what counts).
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = writeln!(file, "{}", std::process::id());
+    Ok(file)
 }
 
 /// What a logged decision resolves to.
@@ -134,6 +178,8 @@ pub struct Shared {
     pub counters: Counters,
     pub metrics: crate::metrics::Metrics,
     pub started: Instant,
+    /// Held for the life of the sidecar (see [`lock_data_dir`]).
+    _data_lock: std::fs::File,
 }
 
 impl std::fmt::Debug for Shared {
@@ -150,6 +196,7 @@ impl Shared {
     pub fn new(config: Config, policy_dir: PathBuf) -> Result<Arc<Self>, StartError> {
         let bundle =
             policy::load(&policy_dir, config.policies.validation).map_err(StartError::Policies)?;
+        let data_lock = lock_data_dir(&config.data.dir)?;
         let sidecar_id = config.audit.sidecar_id.clone().unwrap_or_else(host_name);
         let key_path = config
             .audit
@@ -227,6 +274,7 @@ impl Shared {
             counters: Counters::default(),
             metrics: crate::metrics::Metrics::default(),
             started: Instant::now(),
+            _data_lock: data_lock,
         }))
     }
 

@@ -739,3 +739,43 @@ fn a_lost_outbox_starts_a_new_chain_that_the_ledger_flags() {
     let (ok, out) = verify_ledger(&ledger, led.path());
     assert!(ok, "{out}");
 }
+
+#[test]
+fn a_second_sidecar_on_the_same_data_directory_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let first = Vigie::start_in(&example_policies(), data.path(), &[], &[]);
+    assert_eq!(first.post("/v1/is_authorized", &request(0)).status, 200);
+
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--policies"])
+        .arg(example_policies())
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("VIGIE_PLUGINS_ENABLED", "false")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("is in use by another vigie") && err.contains(&first.pid().to_string()),
+        "{err}"
+    );
+
+    // The first one is untouched: its cache was not taken for a damaged one
+    // and its log goes on from where it was.
+    let moved: Vec<_> = std::fs::read_dir(data.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("corrupt") || n.contains("lost"))
+        .collect();
+    assert!(moved.is_empty(), "{moved:?}");
+    assert_eq!(first.post("/v1/is_authorized", &request(1)).status, 200);
+    let status = first.get("/v1/status").json();
+    assert_eq!(status["log"]["outbox"]["next_seq"], json!(3), "{status}");
+
+    // Once it is gone, the directory is free again (the lock dies with it).
+    first.kill9();
+    let again = Vigie::start_in(&example_policies(), data.path(), &[], &[]);
+    assert_eq!(again.post("/v1/is_authorized", &request(2)).status, 200);
+}
