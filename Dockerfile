@@ -3,11 +3,6 @@
 # Build with the Rust toolchain, run on a minimal base as a non-root user.
 
 FROM rust:1.95-slim-bookworm AS build
-# jemalloc (the sidecar's allocator) builds with its configure script and
-# make, which the slim image lacks.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends make \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # The example plugins are WebAssembly components (wasm32-wasip2); the
