@@ -238,7 +238,7 @@ impl Outbox {
                 .is_empty();
             if alone {
                 let mut segment = segment.lock().unwrap_or_else(|p| p.into_inner());
-                if sync_written(&self.inner, &self.position, &mut segment).is_none() {
+                if sync_written(&self.inner, &self.position, &mut segment) {
                     self.inner.synced_inline.fetch_add(1, Ordering::Relaxed);
                 }
                 return;
@@ -314,9 +314,9 @@ impl Outbox {
 fn sync_loop(inner: Arc<Inner>, position: Arc<Position>) {
     let mut segment = None;
     loop {
-        if sync_written(&inner, &position, &mut segment).is_some() {
-            // Records written and not yet synced (by this thread or by a
-            // group writer that synced its own).
+        if !sync_written(&inner, &position, &mut segment) {
+            // Nothing to sync: wait for records written and not yet synced
+            // (by this thread or by a group writer that synced its own).
             let unsynced = || position.written.load(Ordering::Acquire) > inner.synced.borrow().upto;
             inner
                 .to_sync
@@ -326,15 +326,11 @@ fn sync_loop(inner: Arc<Inner>, position: Arc<Position>) {
 }
 
 /// One fdatasync covering every record written so far, then the waiters are
-/// told. Returns `Some(written)` when there was nothing to sync. `segment`
+/// told. Returns whether there was anything to sync. `segment`
 /// is a handle on the segment being written, kept between calls and taken
 /// again only when the writer moves to a new one (it syncs the one it
 /// closes itself).
-fn sync_written(
-    inner: &Inner,
-    position: &Position,
-    segment: &mut Option<(u64, File)>,
-) -> Option<u64> {
+fn sync_written(inner: &Inner, position: &Position, segment: &mut Option<(u64, File)>) -> bool {
     let (written, file) = {
         let w = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
         let file = match segment.take() {
@@ -345,7 +341,7 @@ fn sync_written(
     };
     if written <= inner.synced.borrow().upto {
         *segment = file.ok();
-        return Some(written);
+        return false;
     }
     let synced = file.and_then(|(first, f)| {
         let r = f.sync_data();
@@ -365,7 +361,7 @@ fn sync_written(
             });
         }
     }
-    None
+    true
 }
 
 fn seg_path(dir: &Path, first: u64) -> PathBuf {

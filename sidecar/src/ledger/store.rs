@@ -149,12 +149,15 @@ struct Block {
     n: usize,
 }
 
+/// Bytes of a block's header (count, chain hash before) and of each entry
+/// (chain hash after, end).
+const BLOCK_HEADER: usize = 36;
 const BLOCK_ENTRY: usize = 36;
 
 impl Block {
     fn encode(prev: &Hash, records: &[(&[u8], Hash)]) -> Vec<u8> {
         let data: usize = records.iter().map(|(b, _)| b.len()).sum();
-        let mut out = Vec::with_capacity(36 + records.len() * BLOCK_ENTRY + data);
+        let mut out = Vec::with_capacity(BLOCK_HEADER + records.len() * BLOCK_ENTRY + data);
         out.extend_from_slice(&(records.len() as u32).to_le_bytes());
         out.extend_from_slice(prev);
         let mut end = 0u32;
@@ -178,16 +181,16 @@ impl Block {
     }
 
     fn data_start(&self) -> usize {
-        36 + self.n * BLOCK_ENTRY
+        BLOCK_HEADER + self.n * BLOCK_ENTRY
     }
 
     fn after(&self, i: usize) -> Option<Hash> {
-        let at = 36 + i * BLOCK_ENTRY;
+        let at = BLOCK_HEADER + i * BLOCK_ENTRY;
         self.value.get(at..at + 32)?.try_into().ok()
     }
 
     fn end(&self, i: usize) -> Option<usize> {
-        let at = 36 + i * BLOCK_ENTRY + 32;
+        let at = BLOCK_HEADER + i * BLOCK_ENTRY + 32;
         Some(u32::from_le_bytes(self.value.get(at..at + 4)?.try_into().ok()?) as usize)
     }
 
@@ -197,7 +200,7 @@ impl Block {
             return None;
         }
         let before = match i {
-            0 => self.value.get(4..36)?.try_into().ok()?,
+            0 => self.value.get(4..BLOCK_HEADER)?.try_into().ok()?,
             _ => self.after(i - 1)?,
         };
         let start = match i {
@@ -683,22 +686,23 @@ impl Store {
     /// Records from `from` on, in index order, with the chain hashes
     /// around each.
     pub fn records_from(&self, from: u64) -> impl Iterator<Item = Stored> + '_ {
+        // From the block holding `from`.
         let start = self
             .blocks
             .range(..=be(from))
             .next_back()
             .and_then(Result::ok)
-            .map_or(be(from), |(k, _)| be(read_be(&k)));
+            .map_or(from, |(k, _)| read_be(&k));
         self.blocks
-            .range(start..)
+            .range(be(start)..)
             .filter_map(Result::ok)
             .filter_map(|(k, v)| Some((read_be(&k), Block::parse(v)?)))
             .flat_map(move |(first, block)| {
-                (0..block.n).filter_map(move |i| {
-                    let index = first + i as u64;
+                let skip = from.saturating_sub(first) as usize;
+                (skip..block.n).filter_map(move |i| {
                     let (bytes, prev, chain) = block.get(i)?;
-                    (index >= from).then(|| Stored {
-                        index,
+                    Some(Stored {
+                        index: first + i as u64,
                         bytes: bytes.to_vec(),
                         prev,
                         chain,
