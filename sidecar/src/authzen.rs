@@ -171,14 +171,12 @@ pub fn to_input(config: &Config, bundle: &Bundle, eval: Evaluation) -> Result<In
             ));
         }
     }
-    Ok(Input {
-        principal,
-        action,
-        resource,
-        context: eval.context.unwrap_or_else(|| Value::Object(Map::new())),
+    Ok(Input::new(
+        [principal, action, resource],
+        eval.context.unwrap_or_else(|| Value::Object(Map::new())),
         entities,
-        paths: PATHS,
-    })
+        PATHS,
+    ))
 }
 
 fn entity_uid(

@@ -161,17 +161,10 @@ pub fn now_ms() -> u64 {
 
 /// The cache key of a request on a bundle.
 pub fn key(bundle_hash: &str, input: &Input) -> Key {
-    let uids = [&input.principal, &input.action, &input.resource].map(ToString::to_string);
-    key_with(bundle_hash, [&uids[0], &uids[1], &uids[2]], input)
-}
-
-/// [`key`], with the principal's, action's and resource's uids already
-/// written as text (the decision record needs them too).
-pub fn key_with(bundle_hash: &str, uids: [&str; 3], input: &Input) -> Key {
     let mut buf = Vec::with_capacity(512);
     buf.extend_from_slice(b"vigie-cache/v1\n");
     buf.extend_from_slice(bundle_hash.as_bytes());
-    for part in uids {
+    for part in &input.texts {
         buf.push(b'\n');
         buf.extend_from_slice(part.as_bytes());
     }

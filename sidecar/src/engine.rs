@@ -11,6 +11,7 @@
 //! it is reported in the decision's diagnostics, and Cedar fails closed.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use cedar_policy::{
     Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request, RequestValidationError,
@@ -97,7 +98,11 @@ pub struct Input {
     pub principal: EntityUid,
     pub action: EntityUid,
     pub resource: EntityUid,
-    pub context: Value,
+    /// The principal, action and resource as Cedar writes them
+    /// (`Type::"id"`): for the cache key, the plugins and the record.
+    pub texts: [String; 3],
+    /// Shared with the decision's record, which keeps the caller's context.
+    pub context: Arc<Value>,
     /// Request-scoped entities (Cedar JSON), each with the path that names it
     /// in the caller's input, merged over the stored ones.
     pub entities: Vec<(String, Value)>,
@@ -205,6 +210,27 @@ impl Rules {
     }
 }
 
+impl Input {
+    /// An input whose uids are written out by Cedar.
+    pub fn new(
+        [principal, action, resource]: [EntityUid; 3],
+        context: Value,
+        entities: Vec<(String, Value)>,
+        paths: Paths,
+    ) -> Input {
+        let texts = [&principal, &action, &resource].map(ToString::to_string);
+        Input {
+            principal,
+            action,
+            resource,
+            texts,
+            context: Arc::new(context),
+            entities,
+            paths,
+        }
+    }
+}
+
 impl Query {
     /// Resolves the uids of a native query.
     pub fn into_input(self) -> Result<Input, InputError> {
@@ -224,18 +250,42 @@ impl Query {
                 ))
             }
         };
+        let (principal, p) = parse_uid_text(self.principal)
+            .map_err(|m| InputError::new("invalid_entity_uid", paths.principal, m))?;
+        let (action, a) = parse_uid_text(self.action)
+            .map_err(|m| InputError::new("invalid_entity_uid", paths.action, m))?;
+        let (resource, r) = parse_uid_text(self.resource)
+            .map_err(|m| InputError::new("invalid_entity_uid", paths.resource, m))?;
         Ok(Input {
-            principal: parse_uid(&self.principal)
-                .map_err(|m| InputError::new("invalid_entity_uid", paths.principal, m))?,
-            action: parse_uid(&self.action)
-                .map_err(|m| InputError::new("invalid_entity_uid", paths.action, m))?,
-            resource: parse_uid(&self.resource)
-                .map_err(|m| InputError::new("invalid_entity_uid", paths.resource, m))?,
-            context: self.context.unwrap_or(Value::Object(Default::default())),
+            principal,
+            action,
+            resource,
+            texts: [p, a, r],
+            context: Arc::new(self.context.unwrap_or(Value::Object(Default::default()))),
             entities,
             paths,
         })
     }
+}
+
+/// [`parse_uid`], with the uid's text as Cedar writes it. The common form
+/// is already that text when its id has nothing Cedar escapes: the string
+/// is kept rather than written out again.
+fn parse_uid_text(value: Value) -> Result<(EntityUid, String), String> {
+    let uid = parse_uid(&value)?;
+    let text = match value {
+        // Printable ASCII but `'` (`"` and `\` are not simple): what
+        // Cedar's `escape_debug` leaves as it is.
+        Value::String(s)
+            if simple_uid(&s).is_some_and(|(_, id)| {
+                id.bytes().all(|b| matches!(b, b' '..=b'~' if b != b'\''))
+            }) =>
+        {
+            s
+        }
+        _ => uid.to_string(),
+    };
+    Ok((uid, text))
 }
 
 /// Parses an entity uid in any of the forms callers use: the Cedar string
@@ -379,7 +429,7 @@ fn prepare(bundle: &Bundle, input: Input) -> Result<(Request, Option<Entities>),
             input.principal,
             input.action,
             input.resource,
-            input.context,
+            &input.context,
             paths,
         )?,
     };
@@ -407,12 +457,12 @@ fn validated_request(
     principal: EntityUid,
     action: EntityUid,
     resource: EntityUid,
-    context: Value,
+    context: &Value,
     paths: Paths,
 ) -> Result<Request, InputError> {
     let schema = bundle.schema.as_ref();
     let action_name = action.to_string();
-    let context_error = |message: String| match bundle.shapes.locate(&action_name, &context) {
+    let context_error = |message: String| match bundle.shapes.locate(&action_name, context) {
         Some((path, what)) => {
             let path = path.replacen("context", paths.context, 1);
             InputError::new("invalid_context", path.clone(), format!("`{path}`: {what}"))
@@ -504,6 +554,29 @@ mod tests {
             "escapes go to Cedar's parser"
         );
         assert!(parse_uid(&json!("1User::\"a\"")).is_err());
+    }
+
+    /// The text kept from the caller is the one Cedar would write: the
+    /// record and the cache key do not depend on which path built it.
+    #[test]
+    fn a_kept_uid_text_is_cedars() {
+        for s in [
+            "Agency::User::\"alice\"",
+            "User::\"\"",
+            "User::\"x y-z.~!\"",
+            "User::\"it's\"",
+            "User::\"tab\there\"",
+            "User::\"nul\u{0}\"",
+            "User::\"é\"",
+            "User::\"\u{301}accent\"",
+            "User::\"zero\u{200b}width\"",
+            "User::\"a\\\"b\"",
+        ] {
+            let (uid, text) = parse_uid_text(json!(s)).unwrap();
+            assert_eq!(text, uid.to_string(), "{s:?}");
+        }
+        let (uid, text) = parse_uid_text(json!({"type": "User", "id": "it's"})).unwrap();
+        assert_eq!(text, uid.to_string());
     }
 
     fn example() -> Bundle {
@@ -615,13 +688,14 @@ mod tests {
         // Through `decide`: the same answers either way.
         let engine = Engine::new();
         for context in contexts() {
-            let input = |context: Value| Input {
-                principal: alice.clone(),
-                action: parse_uid(&json!("Agency::Action::\"read\"")).unwrap(),
-                resource: record.clone(),
-                context,
-                entities: Vec::new(),
-                paths: Paths::NATIVE,
+            let input = |context: Value| {
+                let read = parse_uid(&json!("Agency::Action::\"read\"")).unwrap();
+                Input::new(
+                    [alice.clone(), read, record.clone()],
+                    context,
+                    Vec::new(),
+                    Paths::NATIVE,
+                )
             };
             let decided = engine.decide(&bundle, input(context.clone()));
             let a = input(context.clone());
@@ -630,7 +704,7 @@ mod tests {
                 a.principal,
                 a.action,
                 a.resource,
-                a.context,
+                &a.context,
                 Paths::NATIVE,
             );
             assert_eq!(decided.is_ok(), cedar.is_ok(), "{context}");
@@ -639,14 +713,16 @@ mod tests {
             }
         }
         // A principal type the action does not apply to takes Cedar's path.
-        let wrong = Input {
-            principal: record.clone(),
-            action: parse_uid(&json!("Agency::Action::\"read\"")).unwrap(),
-            resource: record.clone(),
-            context: json!({}),
-            entities: Vec::new(),
-            paths: Paths::NATIVE,
-        };
+        let wrong = Input::new(
+            [
+                record.clone(),
+                parse_uid(&json!("Agency::Action::\"read\"")).unwrap(),
+                record.clone(),
+            ],
+            json!({}),
+            Vec::new(),
+            Paths::NATIVE,
+        );
         assert_eq!(
             engine.decide(&bundle, wrong).unwrap_err().code,
             "invalid_principal_type"

@@ -367,7 +367,7 @@ fn map(
             principal,
             action,
             resource,
-            context: serde_json::json!({"method": http.method, "path": http.path}),
+            context: serde_json::json!({"method": http.method, "path": http.path}).into(),
             entities: 0,
             allow: false,
             reasons: vec![format!("ext_authz_{}", u.code)],
@@ -474,20 +474,18 @@ fn map(
         }
     }
     Ok(Ok(Mapped {
-        input: Input {
-            principal,
-            action,
-            resource,
-            context: Value::Object(context),
-            entities: Vec::new(),
-            paths: Paths {
+        input: Input::new(
+            [principal, action, resource],
+            Value::Object(context),
+            Vec::new(),
+            Paths {
                 principal: "identity",
                 action: "route.action",
                 resource: "route.resource",
                 context: "context",
                 entities: "entities",
             },
-        },
+        ),
     }))
 }
 
@@ -586,7 +584,7 @@ impl Authorization for Service {
                         principal: String::new(),
                         action: String::new(),
                         resource: String::new(),
-                        context: Value::Null,
+                        context: Value::Null.into(),
                         entities: 0,
                         allow: false,
                         reasons: vec!["ext_authz_invalid_request".into()],

@@ -354,15 +354,14 @@ impl Shared {
     /// Answers from the cache, or runs the plugins that apply, evaluates and
     /// caches. Returns the outcome, whether it came from the cache, and what
     /// each plugin did. `active` is the request's snapshot.
-    /// `uids`: the principal's, action's and resource's uids as text.
     pub async fn decide(
         &self,
         active: &Active,
         mut input: Input,
-        uids: [&str; 3],
     ) -> Result<(Outcome, bool, Vec<plugin::Report>), InputError> {
         let plugins = &active.plugins;
-        let action = uids[1];
+        let action = input.texts[1].clone();
+        let action = action.as_str();
         // The resource's type as text, for the plugins only.
         let resource_type = if plugins.is_empty() {
             String::new()
@@ -387,7 +386,7 @@ impl Shared {
         let key = self
             .cache
             .enabled()
-            .then(|| cache::key_with(&active.bundle.hash, uids, &input));
+            .then(|| cache::key(&active.bundle.hash, &input));
         let now = cache::now_ms();
         if let Some(key) = &key {
             // INVARIANT: only valid requests are ever cached, so a hit needs
@@ -410,8 +409,7 @@ impl Shared {
                 ));
             }
             let context_text = input.context.to_string();
-            let principal = input.principal.to_string();
-            let resource = input.resource.to_string();
+            let [principal, _, resource] = input.texts.clone();
             let call = plugin::Call {
                 principal: &principal,
                 action,
@@ -419,7 +417,8 @@ impl Shared {
                 context: &context_text,
                 now_unix_ms: now as i64,
             };
-            let mut map = match std::mem::take(&mut input.context) {
+            // The caller's context stays as it came in the record.
+            let mut map = match Arc::unwrap_or_clone(std::mem::take(&mut input.context)) {
                 serde_json::Value::Object(m) => m,
                 _ => serde_json::Map::new(),
             };
@@ -427,7 +426,7 @@ impl Shared {
             let fits =
                 |attr: &str, value: &serde_json::Value| shapes.check_attribute(action, attr, value);
             enriched = plugins.enrich(&call, &resource_type, &mut map, &fits).await;
-            input.context = serde_json::Value::Object(map);
+            input.context = Arc::new(serde_json::Value::Object(map));
             if let Some((allow, reason, error)) = enriched.verdict.take() {
                 // The failure mode decides; nothing is cached.
                 let outcome = Outcome {
@@ -473,10 +472,8 @@ impl Shared {
     ) -> Result<(Outcome, bool, Draft), InputError> {
         use opentelemetry::trace::{FutureExt, SpanKind, TraceContextExt};
         use opentelemetry::KeyValue;
-        let principal = input.principal.to_string();
-        let action = input.action.to_string();
-        let resource = input.resource.to_string();
-        let context = input.context.clone();
+        let [principal, action, resource] = input.texts.clone();
+        let context = Arc::clone(&input.context);
         let entities = input.entities.len();
         // A span per decision, child of the caller's; the evaluation (on a
         // cache miss) is its child.
@@ -489,10 +486,7 @@ impl Shared {
                 input.resource.type_name().to_string(),
             )
         });
-        let decided = self
-            .decide(active, input, [&principal, &action, &resource])
-            .with_context(span.clone())
-            .await;
+        let decided = self.decide(active, input).with_context(span.clone()).await;
         let (outcome, cached, reports) = match decided {
             Ok(d) => d,
             Err(e) => {

@@ -136,7 +136,8 @@ pub struct Draft {
     pub principal: String,
     pub action: String,
     pub resource: String,
-    pub context: Value,
+    /// The caller's context (shared with the request being decided).
+    pub context: std::sync::Arc<Value>,
     pub entities: usize,
     pub allow: bool,
     pub reasons: Vec<String>,
@@ -384,7 +385,7 @@ mod tests {
     /// The record as a JSON value, encoded by `canon`: what `encode` must
     /// give, byte for byte.
     fn reference(d: &Draft, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
-        let mut context = d.context.clone();
+        let mut context = (*d.context).clone();
         for path in mask {
             mask_path(&mut context, path);
         }
@@ -421,7 +422,8 @@ mod tests {
             action: "Agency::Action::\"read\"".into(),
             resource: "R".into(),
             context: json!({"z": 1, "a": {"y": [true, null, "x"], "b": -3}, "id_token": "t",
-                            "mfa": {"present": true, "id_token": "keep"}}),
+                            "mfa": {"present": true, "id_token": "keep"}})
+            .into(),
             entities: 2,
             allow: false,
             reasons: vec!["b".into(), "a\u{7f}".into()],
@@ -449,7 +451,7 @@ mod tests {
         }
         d.trace_id = None;
         d.plugins.clear();
-        d.context = json!({});
+        d.context = json!({}).into();
         assert_eq!(d.encode(&stamp, &masks), reference(&d, &stamp, &masks));
     }
 
@@ -460,7 +462,9 @@ mod tests {
             principal: "P".into(),
             action: "A".into(),
             resource: "R".into(),
-            context: json!({"device": {"token": "secret-token", "managed": true}, "ip": "10.0.0.1"}),
+            context:
+                json!({"device": {"token": "secret-token", "managed": true}, "ip": "10.0.0.1"})
+                    .into(),
             entities: 0,
             allow: true,
             reasons: vec!["p".into()],

@@ -893,7 +893,7 @@ mod tests {
             principal: "P".into(),
             action: "A".into(),
             resource: "R".into(),
-            context: json!({}),
+            context: json!({}).into(),
             entities: 0,
             allow: true,
             reasons: vec![],
