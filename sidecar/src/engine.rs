@@ -128,6 +128,10 @@ pub struct Outcome {
 /// is satisfied (its ids are the reasons), else Allow if a permit is (its
 /// ids), else Deny; a policy that fails to evaluate is not satisfied and its
 /// error is reported. A differential test holds it to the `Authorizer`.
+///
+/// A rule's scope on the principal and the resource is checked first,
+/// without the evaluator: a rule whose scope does not match the request is
+/// not satisfied, as Cedar's condition would find, and costs no evaluation.
 #[derive(Debug, Clone, Default)]
 pub struct Rules(Vec<Rule>);
 
@@ -137,6 +141,8 @@ struct Rule {
     condition: ast::Expr,
     id: String,
     forbid: bool,
+    principal: ast::PrincipalOrResourceConstraint,
+    resource: ast::PrincipalOrResourceConstraint,
 }
 
 impl Rules {
@@ -149,6 +155,9 @@ impl Rules {
                 condition: p.condition(),
                 id: p.id().to_string(),
                 forbid: p.effect() == ast::Effect::Forbid,
+                // Slots filled: a link's scope names its entities.
+                principal: p.principal_constraint().into_inner(),
+                resource: p.resource_constraint().into_inner(),
                 policy: p.clone(),
             })
             .collect();
@@ -169,8 +178,15 @@ impl Rules {
             entities.as_ref(),
             Extensions::all_available(),
         );
+        let entities = entities.as_ref();
+        let (principal, resource) = (request.principal().uid(), request.resource().uid());
         let (mut permits, mut forbids, mut errors) = (Vec::new(), Vec::new(), Vec::new());
         for rule in &self.0 {
+            if !in_scope(&rule.principal, principal, entities)
+                || !in_scope(&rule.resource, resource, entities)
+            {
+                continue;
+            }
             let satisfied = match eval.interpret(&rule.condition, rule.policy.env()) {
                 Ok(v) => match v.value_kind() {
                     ast::ValueKind::Lit(ast::Literal::Bool(b)) => Ok(*b),
@@ -207,6 +223,37 @@ impl Rules {
             reasons,
             errors,
         }
+    }
+}
+
+/// Whether a scope constraint (`principal in X`, `resource is T`, ...)
+/// admits `uid`, as Cedar evaluates it: `in` is equality or ancestry in the
+/// entity store, and cannot fail. `None` (no uid known) is left to Cedar.
+fn in_scope(
+    scope: &ast::PrincipalOrResourceConstraint,
+    uid: Option<&ast::EntityUID>,
+    entities: &cedar_policy_core::entities::Entities,
+) -> bool {
+    use ast::{EntityReference, PrincipalOrResourceConstraint as C};
+    let Some(uid) = uid else { return true };
+    let is_in = |target: &EntityReference| match target {
+        EntityReference::EUID(target) => {
+            uid == target.as_ref()
+                || match entities.entity(uid) {
+                    cedar_policy_core::entities::Dereference::Data(e) => e.is_descendant_of(target),
+                    _ => false,
+                }
+        }
+        // Linked policies have their slots filled.
+        EntityReference::Slot(_) => true,
+    };
+    match scope {
+        C::Any => true,
+        C::Eq(EntityReference::EUID(target)) => uid == target.as_ref(),
+        C::Eq(EntityReference::Slot(_)) => true,
+        C::In(target) => is_in(target),
+        C::Is(ty) => uid.entity_type() == ty.as_ref(),
+        C::IsIn(ty, target) => uid.entity_type() == ty.as_ref() && is_in(target),
     }
 }
 
