@@ -47,6 +47,34 @@ fn start_with(
     Shared::new(config, dir).unwrap()
 }
 
+/// The example policy set, with `n` more links of the delegation template
+/// (each for a user of its own), loaded from a copy in `dir`.
+fn with_links(dir: &Path, n: usize) -> vigie::policy::Bundle {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(&example).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.ends_with(".cedar") || name.ends_with(".cedarschema") || name == "entities.json" {
+            std::fs::copy(&path, dir.join(&name)).unwrap();
+        }
+    }
+    let mut links: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(example.join("links.json")).unwrap()).unwrap();
+    links.extend((0..n).map(|i| {
+        json!({
+            "template_id": "delegated-read",
+            "link_id": format!("delegation-{i}"),
+            "args": {
+                "?principal": format!("Agency::User::\"delegate-{i}\""),
+                "?resource": "Agency::Department::\"social\""
+            }
+        })
+    }));
+    std::fs::write(dir.join("links.json"), serde_json::to_vec(&links).unwrap()).unwrap();
+    vigie::policy::load(dir, vigie::policy::Validation::Strict).unwrap()
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -104,6 +132,16 @@ fn bench(c: &mut Criterion) {
         b.iter_batched(
             || query.clone().into_input().unwrap(),
             |input| shared.engine.decide(&active.bundle, input).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    // The example with 500 delegations (template links) more, none of them
+    // alice's: a policy whose scope cannot match is skipped unevaluated.
+    let links = with_links(&data.path().join("links"), 500);
+    g.bench_function("authorize_with_500_links", |b| {
+        b.iter_batched(
+            || query.clone().into_input().unwrap(),
+            |input| shared.engine.decide(&links, input).unwrap(),
             criterion::BatchSize::SmallInput,
         )
     });

@@ -179,12 +179,14 @@ impl Rules {
             Extensions::all_available(),
         );
         let entities = entities.as_ref();
-        let (principal, resource) = (request.principal().uid(), request.resource().uid());
+        // No uid known (never the case here) leaves the scope to Cedar.
+        let principal = Party::of(request.principal().uid(), entities);
+        let resource = Party::of(request.resource().uid(), entities);
         let (mut permits, mut forbids, mut errors) = (Vec::new(), Vec::new(), Vec::new());
         for rule in &self.0 {
-            if !in_scope(&rule.principal, principal, entities)
-                || !in_scope(&rule.resource, resource, entities)
-            {
+            let admits =
+                |party: &Option<Party>, scope| party.as_ref().is_none_or(|p| p.admitted_by(scope));
+            if !admits(&principal, &rule.principal) || !admits(&resource, &rule.resource) {
                 continue;
             }
             let satisfied = match eval.interpret(&rule.condition, rule.policy.env()) {
@@ -226,34 +228,47 @@ impl Rules {
     }
 }
 
-/// Whether a scope constraint (`principal in X`, `resource is T`, ...)
-/// admits `uid`, as Cedar evaluates it: `in` is equality or ancestry in the
-/// entity store, and cannot fail. `None` (no uid known) is left to Cedar.
-fn in_scope(
-    scope: &ast::PrincipalOrResourceConstraint,
-    uid: Option<&ast::EntityUID>,
-    entities: &cedar_policy_core::entities::Entities,
-) -> bool {
-    use ast::{EntityReference, PrincipalOrResourceConstraint as C};
-    let Some(uid) = uid else { return true };
-    let is_in = |target: &EntityReference| match target {
-        EntityReference::EUID(target) => {
-            uid == target.as_ref()
-                || match entities.entity(uid) {
-                    cedar_policy_core::entities::Dereference::Data(e) => e.is_descendant_of(target),
-                    _ => false,
-                }
+/// The request's principal or resource, looked up once for the scope
+/// checks of every policy.
+struct Party<'a> {
+    uid: &'a ast::EntityUID,
+    entity: Option<&'a ast::Entity>,
+}
+
+impl<'a> Party<'a> {
+    fn of(
+        uid: Option<&'a ast::EntityUID>,
+        entities: &'a cedar_policy_core::entities::Entities,
+    ) -> Option<Party<'a>> {
+        let uid = uid?;
+        let entity = match entities.entity(uid) {
+            cedar_policy_core::entities::Dereference::Data(e) => Some(e),
+            _ => None,
+        };
+        Some(Party { uid, entity })
+    }
+
+    /// Whether a scope constraint (`principal in X`, `resource is T`, ...)
+    /// admits this party, as Cedar evaluates it: `in` is equality or
+    /// ancestry in the entity store, and cannot fail.
+    fn admitted_by(&self, scope: &ast::PrincipalOrResourceConstraint) -> bool {
+        use ast::{EntityReference, PrincipalOrResourceConstraint as C};
+        let is_in = |target: &EntityReference| match target {
+            EntityReference::EUID(target) => {
+                self.uid == target.as_ref()
+                    || self.entity.is_some_and(|e| e.is_descendant_of(target))
+            }
+            // Linked policies have their slots filled.
+            EntityReference::Slot(_) => true,
+        };
+        match scope {
+            C::Any => true,
+            C::Eq(EntityReference::EUID(target)) => self.uid == target.as_ref(),
+            C::Eq(EntityReference::Slot(_)) => true,
+            C::In(target) => is_in(target),
+            C::Is(ty) => self.uid.entity_type() == ty.as_ref(),
+            C::IsIn(ty, target) => self.uid.entity_type() == ty.as_ref() && is_in(target),
         }
-        // Linked policies have their slots filled.
-        EntityReference::Slot(_) => true,
-    };
-    match scope {
-        C::Any => true,
-        C::Eq(EntityReference::EUID(target)) => uid == target.as_ref(),
-        C::Eq(EntityReference::Slot(_)) => true,
-        C::In(target) => is_in(target),
-        C::Is(ty) => uid.entity_type() == ty.as_ref(),
-        C::IsIn(ty, target) => uid.entity_type() == ty.as_ref() && is_in(target),
     }
 }
 
