@@ -100,6 +100,8 @@ pub struct Input {
     pub resource: EntityUid,
     /// The principal, action and resource as Cedar writes them
     /// (`Type::"id"`): for the cache key, the plugins and the record.
+    /// INVARIANT: the text of the three uids above (a cached decision is
+    /// found by it): build with [`Input::new`] or [`Query::into_input`].
     pub texts: [String; 3],
     /// Shared with the decision's record, which keeps the caller's context.
     pub context: Arc<Value>,
