@@ -121,30 +121,37 @@ pub struct Outcome {
     pub errors: Vec<String>,
 }
 
-/// Policies ready for evaluation, each with its condition built once.
+/// Policies ready for evaluation, split once into scope and clauses.
 ///
 /// Cedar's `Authorizer` rebuilds every policy's condition (scope and
 /// clauses, as one expression) for every request, then evaluates it through
-/// its partial evaluator. A [`Rules`] holds the conditions and evaluates
-/// them with Cedar's own evaluator, with Cedar's semantics: Deny if a forbid
-/// is satisfied (its ids are the reasons), else Allow if a permit is (its
-/// ids), else Deny; a policy that fails to evaluate is not satisfied and its
-/// error is reported. A differential test holds it to the `Authorizer`.
+/// its partial evaluator. A [`Rules`] evaluates with Cedar's semantics:
+/// Deny if a forbid is satisfied (its ids are the reasons), else Allow if a
+/// permit is (its ids), else Deny; a policy that fails to evaluate is not
+/// satisfied and its error is reported. A differential test holds it to the
+/// `Authorizer`.
 ///
-/// A rule's scope on the principal and the resource is checked first,
-/// without the evaluator: a rule whose scope does not match the request is
-/// not satisfied, as Cedar's condition would find, and costs no evaluation.
+/// Cedar's condition is `scope && clauses`, and a scope (`principal in X`,
+/// `action in [..]`, `resource is T`, ...) cannot fail. So the scope is
+/// checked here on the uids and the entity store, as Cedar's evaluator does:
+/// a policy whose scope does not match is not satisfied and costs no
+/// evaluation; one whose scope matches is what its when/unless clauses
+/// give, which Cedar's `Evaluator` computes.
 #[derive(Debug, Clone, Default)]
 pub struct Rules(Vec<Rule>);
 
 #[derive(Debug, Clone)]
 struct Rule {
     policy: ast::Policy,
-    condition: ast::Expr,
     id: String,
     forbid: bool,
     principal: ast::PrincipalOrResourceConstraint,
+    /// `None`: a kind of action scope not checked here (Cedar's
+    /// `tolerant-ast` adds one), left to Cedar's whole condition.
+    action: Option<ast::ActionConstraint>,
     resource: ast::PrincipalOrResourceConstraint,
+    /// The when/unless clauses as one expression; `None`: there are none.
+    clauses: Option<ast::Expr>,
 }
 
 impl Rules {
@@ -154,12 +161,13 @@ impl Rules {
             .into_iter()
             .map(|p| -> &ast::Policy { p.as_ref() })
             .map(|p| Rule {
-                condition: p.condition(),
                 id: p.id().to_string(),
                 forbid: p.effect() == ast::Effect::Forbid,
                 // Slots filled: a link's scope names its entities.
                 principal: p.principal_constraint().into_inner(),
+                action: checked_here(p.action_constraint()),
                 resource: p.resource_constraint().into_inner(),
+                clauses: p.non_scope_constraints().cloned(),
                 policy: p.clone(),
             })
             .collect();
@@ -181,24 +189,35 @@ impl Rules {
             Extensions::all_available(),
         );
         let entities = entities.as_ref();
-        // No uid known (never the case here) leaves the scope to Cedar.
-        let principal = Party::of(request.principal().uid(), entities);
-        let resource = Party::of(request.resource().uid(), entities);
+        let parties = (
+            Party::of(request.principal().uid(), entities),
+            Party::of(request.action().uid(), entities),
+            Party::of(request.resource().uid(), entities),
+        );
         let (mut permits, mut forbids, mut errors) = (Vec::new(), Vec::new(), Vec::new());
         for rule in &self.0 {
-            let admits =
-                |party: &Option<Party>, scope| party.as_ref().is_none_or(|p| p.admitted_by(scope));
-            if !admits(&principal, &rule.principal) || !admits(&resource, &rule.resource) {
-                continue;
-            }
-            let satisfied = match eval.interpret(&rule.condition, rule.policy.env()) {
-                Ok(v) => match v.value_kind() {
-                    ast::ValueKind::Lit(ast::Literal::Bool(b)) => Ok(*b),
-                    // A condition is a conjunction: not reached. Cedar's
-                    // own path gives the error it would give.
-                    _ => eval.evaluate(&rule.policy),
-                },
-                Err(e) => Err(e),
+            let satisfied = match (&parties, &rule.action) {
+                ((Some(principal), Some(action), Some(resource)), Some(action_scope)) => {
+                    let scope = principal.admitted_by(&rule.principal)
+                        && action.admitted_by_action(action_scope)
+                        && resource.admitted_by(&rule.resource);
+                    match (scope, &rule.clauses) {
+                        (false, _) => continue,
+                        (true, None) => Ok(true),
+                        (true, Some(clauses)) => match eval.interpret(clauses, rule.policy.env()) {
+                            Ok(v) => match v.value_kind() {
+                                ast::ValueKind::Lit(ast::Literal::Bool(b)) => Ok(*b),
+                                // Not a boolean: Cedar's own path gives the
+                                // error it would give.
+                                _ => eval.evaluate(&rule.policy),
+                            },
+                            Err(e) => Err(e),
+                        },
+                    }
+                }
+                // A uid not known (never so for a concrete request), or an
+                // action scope not checked here: Cedar's whole condition.
+                _ => eval.evaluate(&rule.policy),
             };
             match satisfied {
                 Ok(true) if rule.forbid => forbids.push(rule.id.clone()),
@@ -271,6 +290,32 @@ impl<'a> Party<'a> {
             C::Is(ty) => self.uid.entity_type() == ty.as_ref(),
             C::IsIn(ty, target) => self.uid.entity_type() == ty.as_ref() && is_in(target),
         }
+    }
+
+    /// The same for an action scope (`action == A`, `action in [A, B]`).
+    fn admitted_by_action(&self, scope: &ast::ActionConstraint) -> bool {
+        let is_in = |target: &ast::EntityUID| {
+            self.uid == target || self.entity.is_some_and(|e| e.is_descendant_of(target))
+        };
+        #[allow(unreachable_patterns, reason = "cedar's `tolerant-ast` adds a variant")]
+        match scope {
+            ast::ActionConstraint::Any => true,
+            ast::ActionConstraint::Eq(target) => self.uid == target.as_ref(),
+            ast::ActionConstraint::In(targets) => targets.iter().any(|t| is_in(t)),
+            // Not reached: see `checked_here`.
+            _ => false,
+        }
+    }
+}
+
+/// The action scopes [`Party::admitted_by_action`] checks.
+fn checked_here(scope: &ast::ActionConstraint) -> Option<ast::ActionConstraint> {
+    #[allow(unreachable_patterns, reason = "cedar's `tolerant-ast` adds a variant")]
+    match scope {
+        ast::ActionConstraint::Any
+        | ast::ActionConstraint::Eq(_)
+        | ast::ActionConstraint::In(_) => Some(scope.clone()),
+        _ => None,
     }
 }
 
@@ -791,6 +836,122 @@ mod tests {
             engine.decide(&bundle, wrong).unwrap_err().code,
             "invalid_principal_type"
         );
+    }
+
+    /// Every kind of scope, outside the example: `==`, `in`, `is`, `is in`
+    /// on principal and resource, action groups, template links, a policy
+    /// without clauses and one whose clause errs, all unsliced and without
+    /// a schema, against Cedar's `Authorizer`.
+    #[test]
+    fn scopes_are_checked_as_cedar_does() {
+        let mut policies = cedar_policy::PolicySet::from_str(
+            r#"
+            permit (principal, action, resource);
+            forbid (principal == U::"banned", action, resource);
+            permit (principal in G::"staff", action in [Action::"read", Action::"all"], resource is R);
+            permit (principal is U in G::"ops", action == Action::"write", resource is R in F::"shared");
+            forbid (principal, action in Action::"all", resource) when { resource.locked };
+            permit (principal == ?principal, action, resource in ?resource) when { true };
+            "#,
+        )
+        .unwrap();
+        let link = |id: &str, p: &str, r: &str| {
+            let vals = [
+                (
+                    cedar_policy::SlotId::principal(),
+                    parse_uid(&json!(p)).unwrap(),
+                ),
+                (
+                    cedar_policy::SlotId::resource(),
+                    parse_uid(&json!(r)).unwrap(),
+                ),
+            ];
+            (
+                id.to_owned(),
+                vals.into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            )
+        };
+        for (id, vals) in [
+            link("l1", "U::\"bob\"", "F::\"shared\""),
+            link("l2", "U::\"eve\"", "R::\"x\""),
+        ] {
+            policies
+                .link(
+                    cedar_policy::PolicyId::new("policy5"),
+                    cedar_policy::PolicyId::new(id),
+                    vals,
+                )
+                .unwrap();
+        }
+        let entities = Entities::from_json_value(
+            json!([
+                {"uid": {"type": "U", "id": "alice"}, "attrs": {}, "parents": [{"type": "G", "id": "staff"}]},
+                {"uid": {"type": "U", "id": "bob"}, "attrs": {}, "parents": [{"type": "G", "id": "ops"}]},
+                {"uid": {"type": "G", "id": "ops"}, "attrs": {}, "parents": [{"type": "G", "id": "staff"}]},
+                {"uid": {"type": "R", "id": "x"}, "attrs": {"locked": true}, "parents": [{"type": "F", "id": "shared"}]},
+                {"uid": {"type": "R", "id": "y"}, "attrs": {"locked": false}, "parents": []},
+                {"uid": {"type": "Action", "id": "read"}, "attrs": {}, "parents": [{"type": "Action", "id": "all"}]},
+                {"uid": {"type": "Action", "id": "write"}, "attrs": {}, "parents": [{"type": "Action", "id": "all"}]}
+            ]),
+            None,
+        )
+        .unwrap();
+        let rules = Rules::new(policies.policies());
+        let authorizer = cedar_policy::Authorizer::new();
+        let uids = |list: &[&str]| -> Vec<EntityUid> {
+            list.iter().map(|u| parse_uid(&json!(u)).unwrap()).collect()
+        };
+        let principals = uids(&[
+            "U::\"alice\"",
+            "U::\"bob\"",
+            "U::\"eve\"",
+            "U::\"banned\"",
+            "G::\"ops\"",
+        ]);
+        let actions = uids(&["Action::\"read\"", "Action::\"write\"", "Action::\"other\""]);
+        let resources = uids(&["R::\"x\"", "R::\"y\"", "R::\"missing\"", "F::\"shared\""]);
+        let mut allowed = 0;
+        for principal in &principals {
+            for action in &actions {
+                for resource in &resources {
+                    let request = Request::new(
+                        principal.clone(),
+                        action.clone(),
+                        resource.clone(),
+                        Context::empty(),
+                        None,
+                    )
+                    .unwrap();
+                    let theirs = authorizer.is_authorized(&request, &policies, &entities);
+                    let mut reasons: Vec<String> = theirs
+                        .diagnostics()
+                        .reason()
+                        .map(ToString::to_string)
+                        .collect();
+                    reasons.sort();
+                    let mut errors: Vec<String> = theirs
+                        .diagnostics()
+                        .errors()
+                        .map(|e| cedar_message(e))
+                        .collect();
+                    errors.sort();
+                    let ours = rules.authorize(&request, &entities);
+                    assert_eq!(
+                        ours,
+                        Outcome {
+                            allow: theirs.decision() == cedar_policy::Decision::Allow,
+                            reasons,
+                            errors,
+                        },
+                        "{request}"
+                    );
+                    allowed += usize::from(ours.allow);
+                }
+            }
+        }
+        // Neither all nor nothing: the grid exercises both sides.
+        assert!(allowed > 0 && allowed < principals.len() * actions.len() * resources.len());
     }
 
     /// The precompiled rules decide as Cedar's `Authorizer` does: same
