@@ -381,20 +381,23 @@ impl Query {
 /// is already that text when its id has nothing Cedar escapes: the string
 /// is kept rather than written out again.
 fn parse_uid_text(value: Value) -> Result<(EntityUid, String), String> {
-    let uid = parse_uid(&value)?;
-    let text = match value {
-        // Printable ASCII but `'` (`"` and `\` are not simple): what
-        // Cedar's `escape_debug` leaves as it is.
-        Value::String(s)
-            if simple_uid(&s).is_some_and(|(_, id)| {
-                id.bytes().all(|b| matches!(b, b' '..=b'~' if b != b'\''))
-            }) =>
-        {
-            s
-        }
-        _ => uid.to_string(),
+    let parsed = match value {
+        Value::String(s) => match simple_uid(&s) {
+            Some((ty, id)) => {
+                let parsed = uid(ty, id)?;
+                // Printable ASCII but `'` (`"` and `\` are not simple):
+                // what Cedar's `escape_debug` leaves as it is.
+                if id.bytes().all(|b| matches!(b, b' '..=b'~' if b != b'\'')) {
+                    return Ok((parsed, s));
+                }
+                parsed
+            }
+            None => parse_uid(&Value::String(s))?,
+        },
+        other => parse_uid(&other)?,
     };
-    Ok((uid, text))
+    let text = parsed.to_string();
+    Ok((parsed, text))
 }
 
 /// Parses an entity uid in any of the forms callers use: the Cedar string

@@ -360,8 +360,7 @@ impl Shared {
         mut input: Input,
     ) -> Result<(Outcome, bool, Vec<plugin::Report>), InputError> {
         let plugins = &active.plugins;
-        let action = input.texts[1].clone();
-        let action = action.as_str();
+        let action = &input.texts[1];
         // The resource's type as text, for the plugins only.
         let resource_type = if plugins.is_empty() {
             String::new()
