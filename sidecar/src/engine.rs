@@ -145,13 +145,42 @@ struct Rule {
     policy: ast::Policy,
     id: String,
     forbid: bool,
-    principal: ast::PrincipalOrResourceConstraint,
-    /// `None`: a kind of action scope not checked here (Cedar's
-    /// `tolerant-ast` adds one), left to Cedar's whole condition.
-    action: Option<ast::ActionConstraint>,
-    resource: ast::PrincipalOrResourceConstraint,
+    /// `None` when a part of the scope is of a kind not checked here (an
+    /// unfilled slot, or the action scope cedar's `tolerant-ast` adds):
+    /// Cedar's whole condition decides.
+    scope: Option<Scope>,
     /// The when/unless clauses as one expression; `None`: there are none.
     clauses: Option<ast::Expr>,
+}
+
+#[derive(Debug, Clone)]
+struct Scope {
+    principal: ast::PrincipalOrResourceConstraint,
+    action: ast::ActionConstraint,
+    resource: ast::PrincipalOrResourceConstraint,
+}
+
+impl Scope {
+    /// A policy's scope, slots filled (a link's scope names its entities),
+    /// if every part of it is of a kind [`Party`] checks.
+    fn of(p: &ast::Policy) -> Option<Scope> {
+        use ast::{EntityReference::Slot, PrincipalOrResourceConstraint as C};
+        let principal = p.principal_constraint().into_inner();
+        let resource = p.resource_constraint().into_inner();
+        let filled = |c: &C| !matches!(c, C::In(Slot(_)) | C::Eq(Slot(_)) | C::IsIn(_, Slot(_)));
+        #[allow(unreachable_patterns, reason = "cedar's `tolerant-ast` adds a variant")]
+        let action = match p.action_constraint() {
+            a @ (ast::ActionConstraint::Any
+            | ast::ActionConstraint::Eq(_)
+            | ast::ActionConstraint::In(_)) => a.clone(),
+            _ => return None,
+        };
+        (filled(&principal) && filled(&resource)).then_some(Scope {
+            principal,
+            action,
+            resource,
+        })
+    }
 }
 
 impl Rules {
@@ -163,10 +192,7 @@ impl Rules {
             .map(|p| Rule {
                 id: p.id().to_string(),
                 forbid: p.effect() == ast::Effect::Forbid,
-                // Slots filled: a link's scope names its entities.
-                principal: p.principal_constraint().into_inner(),
-                action: checked_here(p.action_constraint()),
-                resource: p.resource_constraint().into_inner(),
+                scope: Scope::of(p),
                 clauses: p.non_scope_constraints().cloned(),
                 policy: p.clone(),
             })
@@ -196,12 +222,12 @@ impl Rules {
         );
         let (mut permits, mut forbids, mut errors) = (Vec::new(), Vec::new(), Vec::new());
         for rule in &self.0 {
-            let satisfied = match (&parties, &rule.action) {
-                ((Some(principal), Some(action), Some(resource)), Some(action_scope)) => {
-                    let scope = principal.admitted_by(&rule.principal)
-                        && action.admitted_by_action(action_scope)
-                        && resource.admitted_by(&rule.resource);
-                    match (scope, &rule.clauses) {
+            let satisfied = match (&parties, &rule.scope) {
+                ((Some(principal), Some(action), Some(resource)), Some(scope)) => {
+                    let admitted = principal.admitted_by(&scope.principal)
+                        && action.admitted_by_action(&scope.action)
+                        && resource.admitted_by(&scope.resource);
+                    match (admitted, &rule.clauses) {
                         (false, _) => continue,
                         (true, None) => Ok(true),
                         (true, Some(clauses)) => match eval.interpret(clauses, rule.policy.env()) {
@@ -215,8 +241,8 @@ impl Rules {
                         },
                     }
                 }
-                // A uid not known (never so for a concrete request), or an
-                // action scope not checked here: Cedar's whole condition.
+                // A uid not known (never so for a concrete request), or a
+                // scope not checked here: Cedar's whole condition.
                 _ => eval.evaluate(&rule.policy),
             };
             match satisfied {
@@ -279,13 +305,13 @@ impl<'a> Party<'a> {
                 self.uid == target.as_ref()
                     || self.entity.is_some_and(|e| e.is_descendant_of(target))
             }
-            // Linked policies have their slots filled.
-            EntityReference::Slot(_) => true,
+            // Not reached: see `Scope::of`.
+            EntityReference::Slot(_) => false,
         };
         match scope {
             C::Any => true,
             C::Eq(EntityReference::EUID(target)) => self.uid == target.as_ref(),
-            C::Eq(EntityReference::Slot(_)) => true,
+            C::Eq(EntityReference::Slot(_)) => false,
             C::In(target) => is_in(target),
             C::Is(ty) => self.uid.entity_type() == ty.as_ref(),
             C::IsIn(ty, target) => self.uid.entity_type() == ty.as_ref() && is_in(target),
@@ -302,20 +328,9 @@ impl<'a> Party<'a> {
             ast::ActionConstraint::Any => true,
             ast::ActionConstraint::Eq(target) => self.uid == target.as_ref(),
             ast::ActionConstraint::In(targets) => targets.iter().any(|t| is_in(t)),
-            // Not reached: see `checked_here`.
+            // Not reached: see `Scope::of`.
             _ => false,
         }
-    }
-}
-
-/// The action scopes [`Party::admitted_by_action`] checks.
-fn checked_here(scope: &ast::ActionConstraint) -> Option<ast::ActionConstraint> {
-    #[allow(unreachable_patterns, reason = "cedar's `tolerant-ast` adds a variant")]
-    match scope {
-        ast::ActionConstraint::Any
-        | ast::ActionConstraint::Eq(_)
-        | ast::ActionConstraint::In(_) => Some(scope.clone()),
-        _ => None,
     }
 }
 
