@@ -856,6 +856,28 @@ mod tests {
         );
     }
 
+    /// Cedar's `Authorizer`'s answer as an [`Outcome`] (reasons and errors
+    /// sorted, as [`Rules`] gives them).
+    fn cedars(theirs: &cedar_policy::Response) -> Outcome {
+        let mut reasons: Vec<String> = theirs
+            .diagnostics()
+            .reason()
+            .map(ToString::to_string)
+            .collect();
+        reasons.sort();
+        let mut errors: Vec<String> = theirs
+            .diagnostics()
+            .errors()
+            .map(|e| cedar_message(e))
+            .collect();
+        errors.sort();
+        Outcome {
+            allow: theirs.decision() == cedar_policy::Decision::Allow,
+            reasons,
+            errors,
+        }
+    }
+
     /// Every kind of scope, outside the example: `==`, `in`, `is`, `is in`
     /// on principal and resource, action groups, template links, a policy
     /// without clauses and one whose clause errs, all unsliced and without
@@ -941,27 +963,10 @@ mod tests {
                         None,
                     )
                     .unwrap();
-                    let theirs = authorizer.is_authorized(&request, &policies, &entities);
-                    let mut reasons: Vec<String> = theirs
-                        .diagnostics()
-                        .reason()
-                        .map(ToString::to_string)
-                        .collect();
-                    reasons.sort();
-                    let mut errors: Vec<String> = theirs
-                        .diagnostics()
-                        .errors()
-                        .map(|e| cedar_message(e))
-                        .collect();
-                    errors.sort();
                     let ours = rules.authorize(&request, &entities);
                     assert_eq!(
                         ours,
-                        Outcome {
-                            allow: theirs.decision() == cedar_policy::Decision::Allow,
-                            reasons,
-                            errors,
-                        },
+                        cedars(&authorizer.is_authorized(&request, &policies, &entities)),
                         "{request}"
                     );
                     allowed += usize::from(ours.allow);
@@ -1034,25 +1039,11 @@ mod tests {
                             Some(schema),
                         )
                         .unwrap();
-                        let theirs =
-                            authorizer.is_authorized(&request, &bundle.policies, &bundle.entities);
-                        let mut reasons: Vec<String> = theirs
-                            .diagnostics()
-                            .reason()
-                            .map(ToString::to_string)
-                            .collect();
-                        reasons.sort();
-                        let mut errors: Vec<String> = theirs
-                            .diagnostics()
-                            .errors()
-                            .map(|e| cedar_message(e))
-                            .collect();
-                        errors.sort();
-                        let expected = Outcome {
-                            allow: theirs.decision() == cedar_policy::Decision::Allow,
-                            reasons,
-                            errors,
-                        };
+                        let expected = cedars(&authorizer.is_authorized(
+                            &request,
+                            &bundle.policies,
+                            &bundle.entities,
+                        ));
                         let rules = bundle.slices.get(action).unwrap_or(&bundle.rules);
                         assert_eq!(
                             rules.authorize(&request, &bundle.entities),
