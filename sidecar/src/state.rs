@@ -408,11 +408,11 @@ impl Shared {
                 ));
             }
             let context_text = input.context.to_string();
-            let [principal, _, resource] = input.texts.clone();
+            let [principal, _, resource] = &input.texts;
             let call = plugin::Call {
-                principal: &principal,
+                principal,
                 action,
-                resource: &resource,
+                resource,
                 context: &context_text,
                 now_unix_ms: now as i64,
             };
