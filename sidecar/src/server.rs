@@ -106,8 +106,13 @@ pub async fn handle(
     // The caller's trace context (W3C traceparent/tracestate), read once:
     // decisions are its children, log lines carry its trace id.
     let parent = crate::telemetry::from_headers(req.headers());
-    let trace_id = crate::telemetry::trace_id(&parent);
-    let span = tracing::info_span!("request", trace_id = trace_id.as_deref().unwrap_or("-"));
+    // Only a request that carries a trace id gets a log span: a span with
+    // nothing in it cost 4% of a cache hit's CPU (created, formatted and
+    // dropped by the log layer on every request).
+    let span = match crate::telemetry::trace_id(&parent) {
+        Some(trace_id) => tracing::info_span!("request", trace_id = trace_id.as_str()),
+        None => tracing::Span::none(),
+    };
     let routed = route(&shared, req, &parent).instrument(span).await;
     if let Some(e) = endpoint {
         shared.metrics.observe(e, started.elapsed());
