@@ -56,6 +56,10 @@ impl Default for Config {
     }
 }
 
+/// Whether spans are exported ([`init`] set up a provider). Without it
+/// every span would be a no-op.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Keeps the tracer provider alive; flushes spans when dropped.
 #[derive(Debug, Default)]
 pub struct Guard {
@@ -147,6 +151,7 @@ pub fn init(config: &Config) -> anyhow::Result<Guard> {
     }
     let provider = builder.build();
     global::set_tracer_provider(provider.clone());
+    EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(protocol = %protocol, "exporting traces over OTLP");
     Ok(Guard {
         provider: Some(provider),
@@ -199,6 +204,11 @@ pub fn trace_id(cx: &Context) -> Option<String> {
 
 /// Starts a span, child of `parent`.
 pub fn start(name: &'static str, kind: SpanKind, parent: &Context) -> Context {
+    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        // Nothing records it: a no-op span would only copy the parent's
+        // ids (1.5% of a cache hit's CPU), so the parent stands in for it.
+        return parent.clone();
+    }
     let tracer = global::tracer("vigie");
     let span = tracer
         .span_builder(name)
