@@ -436,11 +436,7 @@ impl Shared {
                 return Ok((outcome, false, enriched.reports));
             }
         }
-        let mut outcome = if key.is_some() {
-            self.evaluate(active, input)?
-        } else {
-            self.engine.decide(&active.bundle, input)?
-        };
+        let mut outcome = self.evaluate(active, input)?;
         outcome.errors.append(&mut enriched.skipped);
         if let Some(key) = key {
             let ttl = self.cache.ttl().as_millis() as u64;

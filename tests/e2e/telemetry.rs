@@ -284,6 +284,9 @@ fn spans_reach_an_otlp_http_receiver_when_configured() {
             ("VIGIE_TELEMETRY_PROTOCOL", "http/protobuf"),
             ("VIGIE_TELEMETRY_ENDPOINT", &format!("http://{addr}")),
             ("VIGIE_TELEMETRY_SERVICE_NAME", "vigie-http"),
+            // The gRPC test above has the cache on: this one covers a
+            // decision that cannot be cached, evaluated all the same.
+            ("VIGIE_CACHE_ENABLED", "false"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ],
     );
