@@ -172,6 +172,19 @@ fn each_hostile_plugin_gets_the_failure_mode_and_the_sidecar_carries_on() {
 }
 
 #[test]
+fn nothing_a_plugin_writes_survives_its_call() {
+    // The plugin marks its static data and 16 pages of memory, and fails
+    // when it finds marks on entry. The cache is off: every request calls it.
+    let dir = policies_with(&hostile_toml("remember", "deny", 100));
+    let v = start(dir.path(), &[("VIGIE_CACHE_ENABLED", "false")]);
+    for _ in 0..20 {
+        let a = alice_reads(&v);
+        assert_eq!(a["decision"], "Allow", "{a}");
+        assert_eq!(a["diagnostics"]["errors"], json!([]), "{a}");
+    }
+}
+
+#[test]
 fn failure_modes_allow_and_skip() {
     let dir = policies_with(&hostile_toml("trap", "allow", 100));
     let v = start(dir.path(), &[]);

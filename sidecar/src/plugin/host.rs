@@ -203,10 +203,16 @@ impl Host {
             .total_stacks(n)
             .max_memory_size(max_memory)
             .table_elements(100_000)
-            // Reset the first pages of a memory with memset rather than
+            // Reset the pages a call touched with memset rather than
             // madvise: no page faults on the next call, and no TLB
             // shootdown across the sidecar's threads.
             .linear_memory_keep_resident((config.keep_resident_kib as usize) << 10)
+            // Where the kernel has PAGEMAP_SCAN (Linux 6.7), only the pages
+            // that are resident are reset, and memory past them is not
+            // handed to madvise on every call: `plugin/network_call` 34-40
+            // -> 24-28 us on a 2-core EPYC guest. Elsewhere, the first
+            // `keep_resident` bytes are reset whole, as before.
+            .pagemap_scan(wasmtime::Enabled::Auto)
             .table_keep_resident(16 << 10)
             .max_memories_per_component(2)
             .max_tables_per_component(2)

@@ -33,9 +33,11 @@ pub struct Config {
     pub stack_kib: u32,
     /// Largest accepted `.wasm` file, in MiB. Default 16.
     pub max_wasm_mib: u32,
-    /// Bytes at the start of each pooled memory that are reset with
-    /// `memset` instead of being returned to the kernel, in KiB: cheaper
-    /// when a plugin's calls touch about that much. Default 192.
+    /// How much of each pooled memory is reset with `memset` instead of
+    /// being returned to the kernel, in KiB: the pages a call touched, up to
+    /// this much, where Linux has `PAGEMAP_SCAN` (6.7); elsewhere the first
+    /// this-many bytes, cheaper when a plugin's calls touch about that
+    /// much. Default 256.
     pub keep_resident_kib: u32,
     /// Epoch tick, the deadline's granularity, in ms. Default 1.
     pub tick_ms: u64,
