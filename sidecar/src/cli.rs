@@ -49,6 +49,20 @@ pub enum Command {
 pub enum PluginAction {
     /// Run one plugin on one request; print its attributes, time and peak memory.
     Run(PluginRunArgs),
+    /// Compile the plugin on standard input into a plugin cache. The
+    /// sidecar runs it as a child process, so that the compiler's memory is
+    /// never the sidecar's.
+    #[command(hide = true)]
+    Compile(PluginCompileArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PluginCompileArgs {
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: PathBuf,
+    /// The sidecar's `[plugins]` settings, as JSON (they decide the code).
+    #[arg(long, value_name = "JSON")]
+    pub sandbox: String,
 }
 
 #[derive(Debug, Args)]
@@ -375,6 +389,20 @@ pub fn check(dir: &Path, validation: Validation) -> bool {
 
 /// `vigie plugin run`: prints the plugin's answer; `Ok(false)` when it
 /// failed.
+/// `vigie plugin compile`: the wasm on standard input, compiled into the
+/// cache with the sidecar's settings.
+pub fn plugin_compile(args: &PluginCompileArgs) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let sandbox: crate::plugin::Config =
+        serde_json::from_str(&args.sandbox).map_err(|e| anyhow::anyhow!("--sandbox: {e}"))?;
+    let mut wasm = Vec::new();
+    std::io::stdin().read_to_end(&mut wasm)?;
+    let host = crate::plugin::Host::new(&sandbox, Some(&args.cache_dir))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    host.compile_into_cache(&wasm)
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
 pub fn plugin_run(args: &PluginRunArgs) -> anyhow::Result<bool> {
     use anyhow::Context as _;
     let request: serde_json::Value = serde_json::from_str(

@@ -35,6 +35,15 @@ fn main() -> ExitCode {
         Command::Check(args) => exit(cli::check(&args.dir, args.validation)),
         Command::Test(args) => exit(cli::test(&args.dir, args.validation)),
         Command::Plugin {
+            action: cli::PluginAction::Compile(args),
+        } => match cli::plugin_compile(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vigie: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Plugin {
             action: cli::PluginAction::Run(args),
         } => match cli::plugin_run(&args) {
             Ok(ok) => exit(ok),
@@ -109,6 +118,9 @@ fn main() -> ExitCode {
                 }
             };
             init_logs(&config);
+            if let Ok(exe) = std::env::current_exe() {
+                vigie::plugin::compile_in_child_processes(exe);
+            }
             run(vigie::app::serve(config))
         }
     }

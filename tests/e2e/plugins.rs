@@ -342,6 +342,14 @@ fn a_tampered_compiled_cache_is_recompiled_not_loaded() {
     let env = [("VIGIE_PLUGINS_ENABLED", "true")];
     let ctx = json!({"ip": "10.1.2.3"});
     let first = Vigie::start_in(dir.path(), data.path(), &[], &env);
+    // With an empty cache, each plugin is compiled by a child process (the
+    // compiler's memory never becomes the sidecar's).
+    let log = first.log();
+    assert_eq!(
+        log.matches("plugin compiled in a child process").count(),
+        4,
+        "{log}"
+    );
     assert_eq!(
         ask(
             &first,
@@ -382,6 +390,37 @@ fn a_tampered_compiled_cache_is_recompiled_not_loaded() {
         log.matches("fails its integrity check").count(),
         4,
         "each tampered entry is refused:\n{log}"
+    );
+    assert_eq!(
+        log.matches("plugin compiled in a child process").count(),
+        4,
+        "and compiled again:\n{log}"
+    );
+}
+
+#[test]
+fn a_plugin_that_does_not_compile_stops_the_start_with_its_error() {
+    // The child process refuses it; compiled in the sidecar, it gets the
+    // same message as `vigie check` gives.
+    let fixtures = tempfile::tempdir().unwrap();
+    let path = write_fixture(fixtures.path(), "truncated", b"\0asm\x0d\0\x01\0garbage");
+    let dir = policies_with(&toml_for(&path));
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--policies"])
+        .arg(dir.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("VIGIE_PLUGINS_ENABLED", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "plugins.toml:1:1: plugin `hours`: not a valid WebAssembly component: failed to parse"
+        ),
+        "{stderr}"
     );
 }
 

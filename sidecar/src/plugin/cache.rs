@@ -70,6 +70,10 @@ impl Cache {
         )
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where the entry of `wasm` is (for tests that tamper with it).
     pub fn path_of(&self, wasm: &[u8]) -> PathBuf {
         self.dir.join(self.name(wasm))

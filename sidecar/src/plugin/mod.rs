@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-pub use host::{Call, Called, Host, LoadError, Plugin};
+pub use host::{compile_in_child_processes, Call, Called, Host, LoadError, Plugin};
 pub use spec::{specs, Config, FailureMode, SchemaView, Spec, SPECS_FILE};
 
 /// Why a plugin produced no attributes.
