@@ -58,6 +58,7 @@ pub enum PluginAction {
 
 #[derive(Debug, Args)]
 pub struct PluginCompileArgs {
+    /// The sidecar's plugin cache (its `cache.key` signs the entry).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: PathBuf,
     /// The sidecar's `[plugins]` settings, as JSON (they decide the code).
@@ -387,8 +388,6 @@ pub fn check(dir: &Path, validation: Validation) -> bool {
     }
 }
 
-/// `vigie plugin run`: prints the plugin's answer; `Ok(false)` when it
-/// failed.
 /// `vigie plugin compile`: the wasm on standard input, compiled into the
 /// cache with the sidecar's settings.
 pub fn plugin_compile(args: &PluginCompileArgs) -> anyhow::Result<()> {
@@ -403,6 +402,8 @@ pub fn plugin_compile(args: &PluginCompileArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(e))
 }
 
+/// `vigie plugin run`: prints the plugin's answer; `Ok(false)` when it
+/// failed.
 pub fn plugin_run(args: &PluginRunArgs) -> anyhow::Result<bool> {
     use anyhow::Context as _;
     let request: serde_json::Value = serde_json::from_str(

@@ -406,9 +406,11 @@ impl Host {
         if is_core_module(wasm) {
             return Err("this is a core WebAssembly module, not a component: build it for wasm32-wasip2 (see sdk/README.md)".into());
         }
+        // Why the child process did not give the plugin, if it was asked.
+        let mut child_failed = None;
         if let (Some(cache), Some(exe)) = (&self.cache, COMPILER.get()) {
             let started = Instant::now();
-            match self.compile_in_child(exe, cache.dir(), wasm) {
+            let failed = match self.compile_in_child(exe, cache.dir(), wasm) {
                 Ok(()) => match cache.load(&self.engine, wasm) {
                     Ok(Some(c)) => {
                         tracing::info!(
@@ -417,21 +419,23 @@ impl Host {
                         );
                         return Ok(c);
                     }
-                    Ok(None) => {
-                        tracing::warn!("the compiler process left no cache entry; compiling here")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "compiling here"),
+                    Ok(None) => "it left no cache entry".to_owned(),
+                    Err(e) => e,
                 },
                 // An invalid plugin lands here too: compiled here, it gets
                 // its error message.
-                Err(e) => tracing::debug!(error = %e, "compiling here"),
-            }
+                Err(e) => e,
+            };
+            child_failed = Some(failed);
         }
         *compiled = true;
         let code = self
             .engine
             .precompile_component(wasm)
             .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))?;
+        if let Some(why) = child_failed {
+            tracing::warn!(error = %why, "plugin compiled in the sidecar: the child process failed");
+        }
         if let Some(cache) = &self.cache {
             if let Err(e) = cache.store(wasm, &code) {
                 tracing::warn!(error = %e, "cannot write the plugin cache");
@@ -439,9 +443,7 @@ impl Host {
         }
         cache::deserialize(&self.engine, &code)
     }
-}
 
-impl Host {
     /// Runs `exe plugin compile` on `wasm` (its standard input), which
     /// compiles it with this host's settings into the cache in `dir`.
     fn compile_in_child(&self, exe: &Path, dir: &Path, wasm: &[u8]) -> Result<(), String> {
