@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::support::{eventually, example_policies, free_port, Ledger, Vigie, BIN};
+use crate::support::{eventually, example_policies, failed_start, free_port, Ledger, Vigie, BIN};
 
 /// A sidecar key made and enrolled before the sidecar first starts.
 fn enroll(side_data: &Path, ledger_data: &Path, id: &str) {
@@ -746,16 +746,12 @@ fn a_second_sidecar_on_the_same_data_directory_is_refused() {
     let first = Vigie::start_in(&example_policies(), data.path(), &[], &[]);
     assert_eq!(first.post("/v1/is_authorized", &request(0)).status, 200);
 
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--policies"])
-        .arg(example_policies())
-        .arg("--data-dir")
-        .arg(data.path())
-        .env("VIGIE_PLUGINS_ENABLED", "false")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let (code, err) = failed_start(
+        &example_policies(),
+        data.path(),
+        &[("VIGIE_PLUGINS_ENABLED", "false")],
+    );
+    assert_ne!(code, Some(0), "{err}");
     assert!(
         err.contains("is in use by another vigie") && err.contains(&first.pid().to_string()),
         "{err}"

@@ -406,16 +406,12 @@ fn a_plugin_that_does_not_compile_stops_the_start_with_its_error() {
     let path = write_fixture(fixtures.path(), "truncated", b"\0asm\x0d\0\x01\0garbage");
     let dir = policies_with(&toml_for(&path));
     let data = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--policies"])
-        .arg(dir.path())
-        .arg("--data-dir")
-        .arg(data.path())
-        .env("VIGIE_PLUGINS_ENABLED", "true")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = failed_start(
+        dir.path(),
+        data.path(),
+        &[("VIGIE_PLUGINS_ENABLED", "true")],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(
             "plugins.toml:1:1: plugin `hours`: not a valid WebAssembly component: failed to parse"

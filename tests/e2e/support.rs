@@ -32,6 +32,23 @@ pub fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// A running `vigie serve`, killed on drop.
+/// `vigie serve` on `policies` and `data` that is expected not to start:
+/// its exit status and standard error.
+pub fn failed_start(policies: &Path, data: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--policies"])
+        .arg(policies)
+        .arg("--data-dir")
+        .arg(data)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub struct Vigie {
     child: Child,
     pub addr: SocketAddr,
