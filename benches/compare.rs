@@ -510,6 +510,9 @@ fn main() {
             "vigie + 3 plugins, cache on, process",
             Server::Plugins("process", true),
         ),
+        // The bare server again, last: the machine drifts over the minutes
+        // of a run, and every ratio is taken against the mean of the two.
+        ("bare hyper (fixed body), again", Server::Bare),
     ]);
     let plugin_bodies = plugin_bodies();
     // Each plugin row starts with an empty plugin cache, as a first start
@@ -517,8 +520,8 @@ fn main() {
     // behind (the sidecar has a child process compile them).
     let mut bare: Vec<(usize, f64, Duration)> = Vec::new();
     let mut cerbos_audited: Vec<(usize, f64)> = Vec::new();
-    // Every Vigie row, for the targets: (name, conns, stats, peak RSS KiB).
-    let mut rows: Vec<(&str, usize, load::Stats, u64)> = Vec::new();
+    // Every row: (name, conns, stats, server CPU seconds, peak RSS KiB).
+    let mut rows: Vec<(&str, usize, load::Stats, f64, u64)> = Vec::new();
     // The fdatasync the `power` target allows, probed just before and just
     // after the one-connection `power` run: this disk's sync time drifts by
     // half from one minute to the next.
@@ -588,32 +591,26 @@ fn main() {
                 Server::Cerbos(true) => cerbos_audited.push((conns, r.rps)),
                 _ => {}
             }
-            let (brps, bp50) = bare
-                .iter()
-                .find(|(c, _, _)| *c == conns)
-                .map(|(_, r, p)| (*r, *p))
-                .unwrap();
-            let vs_cerbos = cerbos_audited
-                .iter()
-                .find(|(c, _)| *c == conns)
-                .map_or("–".to_owned(), |(_, crps)| {
-                    format!("{:.1}×", r.rps / crps)
-                });
-            let line = format!(
-                "| {name} | {conns} | {:.0} | {:.0} µs | {:.0} µs | {:.0}% | {:.0} µs | {:.1} MiB | {:.2} | {:.2} | {vs_cerbos} |\n",
-                r.rps,
-                r.p50.as_secs_f64() * 1e6,
-                r.p99.as_secs_f64() * 1e6,
-                cpu / RUN.as_secs_f64() * 100.0,
-                cpu / (r.rps * RUN.as_secs_f64()) * 1e6,
-                rss as f64 / 1024.0,
-                r.rps / brps,
-                r.p50.as_secs_f64() / bp50.as_secs_f64()
+            // As the run goes, against the bare server's first run.
+            print!(
+                "{}",
+                row_line(name, conns, &r, cpu, rss, &bare, &cerbos_audited)
             );
-            print!("{line}");
-            table.push_str(&line);
-            rows.push((*name, conns, r, rss));
+            rows.push((*name, conns, r, cpu, rss));
         }
+    }
+    // The table again, every ratio against the mean of the bare runs.
+    let bare = mean_bare(&bare);
+    for (name, conns, r, cpu, rss) in &rows {
+        table.push_str(&row_line(
+            name,
+            *conns,
+            r,
+            *cpu,
+            *rss,
+            &bare,
+            &cerbos_audited,
+        ));
     }
     table.push_str(&targets(&rows, &bare, &cerbos_audited, &fsync));
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/compare.md");
@@ -622,19 +619,93 @@ fn main() {
     println!("\n{table}");
 }
 
+/// One row of the table; the ratios against the first bare run for
+/// `conns` in `bare` and the Cerbos run with audit on.
+fn row_line(
+    name: &str,
+    conns: usize,
+    r: &load::Stats,
+    cpu: f64,
+    rss: u64,
+    bare: &[(usize, f64, Duration)],
+    cerbos: &[(usize, f64)],
+) -> String {
+    let (brps, bp50) = bare
+        .iter()
+        .find(|(c, _, _)| *c == conns)
+        .map(|(_, r, p)| (*r, *p))
+        .unwrap();
+    let vs_cerbos = cerbos
+        .iter()
+        .find(|(c, _)| *c == conns)
+        .map_or("–".to_owned(), |(_, crps)| {
+            format!("{:.1}×", r.rps / crps)
+        });
+    format!(
+        "| {name} | {conns} | {:.0} | {:.0} µs | {:.0} µs | {:.0}% | {:.0} µs | {:.1} MiB | {:.2} | {:.2} | {vs_cerbos} |\n",
+        r.rps,
+        r.p50.as_secs_f64() * 1e6,
+        r.p99.as_secs_f64() * 1e6,
+        cpu / RUN.as_secs_f64() * 100.0,
+        cpu / (r.rps * RUN.as_secs_f64()) * 1e6,
+        rss as f64 / 1024.0,
+        r.rps / brps,
+        r.p50.as_secs_f64() / bp50.as_secs_f64()
+    )
+}
+
+/// The bare server's runs for each connection count, as one: the mean of
+/// their throughputs and of their medians.
+fn mean_bare(runs: &[(usize, f64, Duration)]) -> Vec<(usize, f64, Duration)> {
+    let mut out: Vec<(usize, f64, Duration)> = Vec::new();
+    for conns in [1usize, 32] {
+        let these: Vec<_> = runs.iter().filter(|b| b.0 == conns).collect();
+        if these.is_empty() {
+            continue;
+        }
+        let n = these.len() as f64;
+        let rps = these.iter().map(|b| b.1).sum::<f64>() / n;
+        let p50 = these.iter().map(|b| b.2.as_secs_f64()).sum::<f64>() / n;
+        out.push((conns, rps, Duration::from_secs_f64(p50)));
+    }
+    out
+}
+
 /// The load targets of DESIGN.md, each with the ratio this run measured.
 fn targets(
-    rows: &[(&str, usize, load::Stats, u64)],
+    rows: &[(&str, usize, load::Stats, f64, u64)],
     bare: &[(usize, f64, Duration)],
     cerbos: &[(usize, f64)],
     fsync: &[Duration],
 ) -> String {
     let row = |name: &str, conns: usize| {
         rows.iter()
-            .find(|(n, c, _, _)| *n == name && *c == conns)
-            .map(|(_, _, s, rss)| (s, *rss))
+            .find(|(n, c, _, _, _)| *n == name && *c == conns)
+            .map(|(_, _, s, _, rss)| (s, *rss))
             .unwrap()
     };
+    // The bare server's two runs, first and last, as they measured.
+    let bare_runs: Vec<String> = [1usize, 32]
+        .iter()
+        .map(|conns| {
+            let runs: Vec<String> = rows
+                .iter()
+                .filter(|(n, c, _, _, _)| n.starts_with("bare hyper") && c == conns)
+                .map(|(_, _, s, _, _)| {
+                    if *conns == 1 {
+                        format!("{:.0} µs", s.p50.as_secs_f64() * 1e6)
+                    } else {
+                        format!("{:.0} req/s", s.rps)
+                    }
+                })
+                .collect();
+            format!(
+                "{conns} conn{}: {}",
+                if *conns == 1 { "" } else { "s" },
+                runs.join(" then ")
+            )
+        })
+        .collect();
     let bare_at = |conns: usize| {
         bare.iter()
             .find(|b| b.0 == conns)
@@ -649,8 +720,11 @@ fn targets(
     let mut out = format!(
         "\nOne fdatasync on the data disk, from the servers' core, just before and just after \
          the one-connection `power` run: p50 {} µs (mean {synced:.0} µs).\n\n\
+         The bare server, first and last ({}): the ratios of this table and of \
+         the targets are against the mean of its two runs.\n\n\
          | target (DESIGN.md) | measured | met |\n|---|---|---|\n",
-        probes.join(" and ")
+        probes.join(" and "),
+        bare_runs.join("; ")
     );
     let (process1, _) = row("vigie, cache off, process", 1);
     let ratio = us(process1.p50) / us(bare_at(1).1);
