@@ -637,7 +637,7 @@ fn row_line(
         .unwrap();
     let vs_cerbos = cerbos
         .iter()
-        .find(|(c, _)| *c == conns)
+        .find(|(c, _)| *c == conns && !name.starts_with("bare hyper"))
         .map_or("–".to_owned(), |(_, crps)| {
             format!("{:.1}×", r.rps / crps)
         });
