@@ -619,8 +619,9 @@ fn main() {
     println!("\n{table}");
 }
 
-/// One row of the table; the ratios against the first bare run for
-/// `conns` in `bare` and the Cerbos run with audit on.
+/// One row of the table: its ratios are against the first entry of `bare`
+/// for `conns` (the first run while the bench goes, the mean at the end)
+/// and against Cerbos with audit on.
 fn row_line(
     name: &str,
     conns: usize,
