@@ -429,10 +429,7 @@ impl Host {
             child_failed = Some(failed);
         }
         *compiled = true;
-        let code = self
-            .engine
-            .precompile_component(wasm)
-            .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))?;
+        let code = self.precompile(wasm)?;
         if let Some(why) = child_failed {
             tracing::warn!(error = %why, "plugin compiled in the sidecar: the child process failed");
         }
@@ -481,16 +478,16 @@ impl Host {
             .cache
             .as_ref()
             .ok_or("the plugin cache cannot be opened")?;
-        if is_core_module(wasm) {
-            return Err("a core WebAssembly module, not a component".into());
-        }
-        let code = self
-            .engine
-            .precompile_component(wasm)
-            .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))?;
         cache
-            .store(wasm, &code)
+            .store(wasm, &self.precompile(wasm)?)
             .map_err(|e| format!("cannot write the plugin cache: {e}"))
+    }
+
+    /// The native code of a component, not yet loaded.
+    fn precompile(&self, wasm: &[u8]) -> Result<Vec<u8>, String> {
+        self.engine
+            .precompile_component(wasm)
+            .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))
     }
 }
 
