@@ -9,13 +9,13 @@ COPY . .
 # policies' plugins.toml finds them at ../plugins/dist.
 RUN rustup target add wasm32-wasip2 \
  && CARGO_TARGET_DIR=/src/target ./scripts/build-plugins \
- && cargo build --release --locked -p vigie \
- && strip target/release/vigie \
+ && cargo build --profile dist --locked -p vigie \
+ && strip target/dist/vigie \
  && mkdir -p /out/var/lib/vigie /out/var/lib/vigie-ledger
 
 # distroless/cc: glibc and libgcc only, no shell, runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/vigie /usr/local/bin/vigie
+COPY --from=build /src/target/dist/vigie /usr/local/bin/vigie
 COPY --from=build /src/policies /etc/vigie/policies
 COPY --from=build /src/plugins/dist /etc/vigie/plugins/dist
 COPY --from=build /src/docs/envoy/vigie.toml /etc/vigie/ext_authz.toml
