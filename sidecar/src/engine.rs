@@ -275,11 +275,20 @@ impl Rules {
     }
 }
 
+/// Ancestors compared one by one, up to this many.
+const FEW: usize = 8;
+
 /// The request's principal or resource, looked up once for the scope
 /// checks of every policy.
 struct Party<'a> {
     uid: &'a ast::EntityUID,
     entity: Option<&'a ast::Entity>,
+    /// The entity's ancestors, when there are at most [`FEW`]. Comparing
+    /// a scope's target with each costs less than Cedar's
+    /// `is_descendant_of`, which hashes the target (SipHash over its type
+    /// and id) into two sets, once per policy: 3.5% of a decision's CPU
+    /// with the cache off.
+    few: Option<[Option<&'a ast::EntityUID>; FEW]>,
 }
 
 impl<'a> Party<'a> {
@@ -292,7 +301,24 @@ impl<'a> Party<'a> {
             cedar_policy_core::entities::Dereference::Data(e) => Some(e),
             _ => None,
         };
-        Some(Party { uid, entity })
+        let few = entity.and_then(|e| {
+            let mut few = [None; FEW];
+            let mut ancestors = e.ancestors();
+            for slot in &mut few {
+                *slot = ancestors.next();
+            }
+            ancestors.next().is_none().then_some(few)
+        });
+        Some(Party { uid, entity, few })
+    }
+
+    /// Whether the party is `target` or one of its descendants.
+    fn is_in(&self, target: &ast::EntityUID) -> bool {
+        self.uid == target
+            || match &self.few {
+                Some(few) => few.iter().map_while(|a| *a).any(|a| a == target),
+                None => self.entity.is_some_and(|e| e.is_descendant_of(target)),
+            }
     }
 
     /// Whether a scope constraint (`principal in X`, `resource is T`, ...)
@@ -301,10 +327,7 @@ impl<'a> Party<'a> {
     fn admitted_by(&self, scope: &ast::PrincipalOrResourceConstraint) -> bool {
         use ast::{EntityReference, PrincipalOrResourceConstraint as C};
         let is_in = |target: &EntityReference| match target {
-            EntityReference::EUID(target) => {
-                self.uid == target.as_ref()
-                    || self.entity.is_some_and(|e| e.is_descendant_of(target))
-            }
+            EntityReference::EUID(target) => self.is_in(target),
             // Not reached: see `Scope::of`.
             EntityReference::Slot(_) => false,
         };
@@ -320,14 +343,11 @@ impl<'a> Party<'a> {
 
     /// The same for an action scope (`action == A`, `action in [A, B]`).
     fn admitted_by_action(&self, scope: &ast::ActionConstraint) -> bool {
-        let is_in = |target: &ast::EntityUID| {
-            self.uid == target || self.entity.is_some_and(|e| e.is_descendant_of(target))
-        };
         #[allow(unreachable_patterns, reason = "cedar's `tolerant-ast` adds a variant")]
         match scope {
             ast::ActionConstraint::Any => true,
             ast::ActionConstraint::Eq(target) => self.uid == target.as_ref(),
-            ast::ActionConstraint::In(targets) => targets.iter().any(|t| is_in(t)),
+            ast::ActionConstraint::In(targets) => targets.iter().any(|t| self.is_in(t)),
             // Not reached: see `Scope::of`.
             _ => false,
         }
@@ -975,6 +995,54 @@ mod tests {
         }
         // Neither all nor nothing: the grid exercises both sides.
         assert!(allowed > 0 && allowed < principals.len() * actions.len() * resources.len());
+    }
+
+    /// The scope checks compare a few ancestors one by one and ask Cedar's
+    /// entity for more: both agree with Cedar's authorizer.
+    #[test]
+    fn scope_checks_agree_with_cedar_within_and_past_few_ancestors() {
+        let policies: cedar_policy::PolicySet = r#"
+            permit(principal in G::"g0", action, resource) when { true };
+            permit(principal in G::"g11", action, resource);
+            permit(principal == U::"u", action in [Action::"b", Action::"a"], resource);
+            forbid(principal in G::"none", action, resource);
+        "#
+        .parse()
+        .unwrap();
+        for n in [3, FEW, FEW + 4] {
+            let parents: Vec<Value> = (0..n)
+                .map(|i| json!({"type": "G", "id": format!("g{i}")}))
+                .collect();
+            let entities = cedar_policy::Entities::from_json_value(
+                json!([{"uid": {"type": "U", "id": "u"}, "attrs": {}, "parents": parents}]),
+                None,
+            )
+            .unwrap();
+            let request = Request::new(
+                r#"U::"u""#.parse().unwrap(),
+                r#"Action::"a""#.parse().unwrap(),
+                r#"R::"r""#.parse().unwrap(),
+                Context::empty(),
+                None,
+            )
+            .unwrap();
+            let ours = Rules::new(policies.policies()).authorize(&request, &entities);
+            let theirs =
+                cedar_policy::Authorizer::new().is_authorized(&request, &policies, &entities);
+            let mut reasons: Vec<String> = theirs
+                .diagnostics()
+                .reason()
+                .map(ToString::to_string)
+                .collect();
+            reasons.sort();
+            assert_eq!(
+                ours.allow,
+                theirs.decision() == cedar_policy::Decision::Allow,
+                "{n} ancestors"
+            );
+            assert_eq!(ours.reasons, reasons, "{n} ancestors");
+            assert_eq!(reasons.len(), if n > 11 { 3 } else { 2 }, "{n} ancestors");
+        }
     }
 
     /// The precompiled rules decide as Cedar's `Authorizer` does: same
