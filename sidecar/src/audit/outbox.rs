@@ -1045,8 +1045,16 @@ mod tests {
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap()
+    }
+
+    fn power() -> Config {
+        Config {
+            durability: Durability::Power,
+            ..Config::default()
+        }
     }
 
     #[test]
@@ -1200,14 +1208,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("outbox");
         let chains = dir.path().join("chains");
-        let power = Config {
-            durability: Durability::Power,
-            ..Config::default()
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (power, rt) = (power(), rt());
         let seg = seg_path(&out, 0);
         let len = || std::fs::metadata(&seg).unwrap().len();
         let ob = rt.block_on(async { open(&out, &chains, "s1", &power).unwrap().0 });
@@ -1261,14 +1262,7 @@ mod tests {
     fn power_mode_starts_the_next_segment_from_the_spare() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("outbox");
-        let power = Config {
-            durability: Durability::Power,
-            ..Config::default()
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (power, rt) = (power(), rt());
         let ob = rt.block_on(async {
             open(&out, &dir.path().join("chains"), "s1", &power)
                 .unwrap()
