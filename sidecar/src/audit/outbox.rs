@@ -866,7 +866,13 @@ impl Writer {
             self.file.sync_data().map_err(io)?;
             self.file = match &self.zero_tail {
                 Some(busy) => {
-                    let spare = take_spare(&self.dir, self.next, &self.head).map_err(io)?;
+                    // A spare that cannot be taken is dropped, not a reason
+                    // to refuse records: the segment is then appended to.
+                    let spare = take_spare(&self.dir, self.next, &self.head).unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot take the spare outbox segment; appending to a new one");
+                        let _ = std::fs::remove_file(self.dir.join(SPARE));
+                        None
+                    });
                     prepare_spare(&self.dir, busy);
                     match spare {
                         Some(f) => f,
@@ -1192,6 +1198,32 @@ mod tests {
         assert_eq!(seq, 4);
     }
 
+    /// A `power` outbox in `dir`, once its spare is made, and a runtime.
+    fn power_outbox(dir: &Path) -> (PathBuf, tokio::runtime::Runtime, Outbox) {
+        let out = dir.join("outbox");
+        let rt = rt();
+        let ob = rt.block_on(async { open(&out, &dir.join("chains"), "s1", &power()).unwrap().0 });
+        assert!(spare_made(&out));
+        (out, rt, ob)
+    }
+
+    /// Records of about 100 kB, 20 to a group, ten groups: past a 16 MiB
+    /// segment in the ninth.
+    fn fill_past_a_segment(rt: &tokio::runtime::Runtime, ob: &Outbox) {
+        let big = |i: u64| Draft {
+            context: json!({ "blob": "x".repeat(100_000) }).into(),
+            ..draft(i)
+        };
+        rt.block_on(async {
+            for g in 0..10 {
+                let seqs = ob
+                    .append_many((0..20).map(|i| big(g * 20 + i)).collect())
+                    .await;
+                assert!(seqs.iter().all(Result::is_ok));
+            }
+        });
+    }
+
     /// Waits (bounded) for the spare segment to be made.
     fn spare_made(out: &Path) -> bool {
         (0..500).any(|_| {
@@ -1261,27 +1293,8 @@ mod tests {
     #[test]
     fn power_mode_starts_the_next_segment_from_the_spare() {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("outbox");
-        let (power, rt) = (power(), rt());
-        let ob = rt.block_on(async {
-            open(&out, &dir.path().join("chains"), "s1", &power)
-                .unwrap()
-                .0
-        });
-        assert!(spare_made(&out));
-        // Records of about 100 kB, 20 to a group: past 16 MiB in 9 groups.
-        let big = |i: u64| Draft {
-            context: json!({ "blob": "x".repeat(100_000) }).into(),
-            ..draft(i)
-        };
-        rt.block_on(async {
-            for g in 0..10 {
-                let seqs = ob
-                    .append_many((0..20).map(|i| big(g * 20 + i)).collect())
-                    .await;
-                assert!(seqs.iter().all(Result::is_ok));
-            }
-        });
+        let (out, rt, ob) = power_outbox(dir.path());
+        fill_past_a_segment(&rt, &ob);
         let segs = segments(&out).unwrap();
         assert_eq!(segs.len(), 2, "{segs:?}");
         let closed = std::fs::read(seg_path(&out, 0)).unwrap();
@@ -1293,7 +1306,7 @@ mod tests {
         let written = ob.position.head();
         drop(ob);
         let (ob, opened) =
-            rt.block_on(async { open(&out, &dir.path().join("chains"), "s1", &power).unwrap() });
+            rt.block_on(async { open(&out, &dir.path().join("chains"), "s1", &power()).unwrap() });
         assert_eq!(opened, Opened::Recovered { cut: 0 });
         assert_eq!(ob.position.head(), written);
         let (prev, frames) = Reader::new(&out).read(0, written.0, 1000).unwrap();
@@ -1305,6 +1318,24 @@ mod tests {
             assert_eq!(h, f.chain);
         }
         assert_eq!(h, written.1);
+    }
+
+    /// `power`: a spare that cannot be taken (here a directory in its
+    /// place) does not stop records: the next segment is appended to.
+    #[test]
+    fn power_mode_appends_when_the_spare_cannot_be_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, rt, ob) = power_outbox(dir.path());
+        std::fs::remove_file(out.join(SPARE)).unwrap();
+        std::fs::create_dir(out.join(SPARE)).unwrap();
+        fill_past_a_segment(&rt, &ob);
+        let segs = segments(&out).unwrap();
+        assert_eq!(segs.len(), 2, "{segs:?}");
+        let next = std::fs::metadata(seg_path(&out, segs[1])).unwrap().len();
+        assert!(next < SEGMENT_BYTES, "appended: {next}");
+        let written = ob.position.head();
+        let (_, frames) = Reader::new(&out).read(0, written.0, 1000).unwrap();
+        assert_eq!(frames.len() as u64, written.0);
     }
 
     #[test]
