@@ -736,30 +736,28 @@ fn targets(
     };
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let met = |ok: bool| if ok { "yes" } else { "no" };
-    // The mean of the probes around the `power` run, each way. The target
-    // takes the cheaper: an overwrite of zeros, which is what the outbox
-    // syncs in `power` mode.
-    let mean = |each: &dyn Fn(&(Duration, Duration)) -> Duration| {
-        fsync.iter().map(|p| us(each(p))).sum::<f64>() / fsync.len().max(1) as f64
+    // The probes around the `power` run, each way, and their means. The
+    // target takes the cheaper: an overwrite of zeros, which is what the
+    // outbox syncs in `power` mode.
+    let overwritten: Vec<f64> = fsync.iter().map(|p| us(p.1)).collect();
+    let appended: Vec<f64> = fsync.iter().map(|p| us(p.0)).collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let list = |v: &[f64]| {
+        let texts: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
+        texts.join(" and ")
     };
-    let (appended, synced) = (mean(&|p| p.0), mean(&|p| p.1));
-    let probes = |each: &dyn Fn(&(Duration, Duration)) -> Duration| {
-        let v: Vec<String> = fsync
-            .iter()
-            .map(|p| format!("{:.0}", us(each(p))))
-            .collect();
-        v.join(" and ")
-    };
+    let synced = mean(&overwritten);
     let mut out = format!(
         "\nOne fdatasync on the data disk, from the servers' core, just before and just after \
          the one-connection `power` run: p50 {} µs (mean {synced:.0} µs) after writing over \
-         zeros already synced, as the outbox does; {} µs (mean {appended:.0} µs) after an \
+         zeros already synced, as the outbox does; {} µs (mean {:.0} µs) after an \
          append.\n\n\
          The bare server, first and last ({}): the ratios of this table and of \
          the targets are against the mean of its two runs.\n\n\
          | target (DESIGN.md) | measured | met |\n|---|---|---|\n",
-        probes(&|p| p.1),
-        probes(&|p| p.0),
+        list(&overwritten),
+        list(&appended),
+        mean(&appended),
         bare_runs.join("; ")
     );
     let (process1, _) = row("vigie, cache off, process", 1);
