@@ -103,6 +103,8 @@ pub enum Tier {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub l1_hits: AtomicU64,
+    /// L1 hits whose body was not parsed ([`Cache::seen`]).
+    pub body_hits: AtomicU64,
     pub l2_hits: AtomicU64,
     pub misses: AtomicU64,
     pub l1_evictions: AtomicU64,
@@ -126,17 +128,107 @@ impl Hasher for KeyHasher {
     }
 }
 
-#[derive(Debug, Default)]
-struct L1 {
-    map: HashMap<Key, Arc<Entry>, BuildHasherDefault<KeyHasher>>,
+/// What an entry of a [`Fifo`] is counted as.
+trait Weigh {
+    fn approx_bytes(&self) -> usize;
+}
+
+impl Weigh for Entry {
+    fn approx_bytes(&self) -> usize {
+        Entry::approx_bytes(self)
+    }
+}
+
+/// A map bounded in entries and in approximate bytes, that forgets its
+/// oldest entries first.
+#[derive(Debug)]
+struct Fifo<T> {
+    map: HashMap<Key, Arc<T>, BuildHasherDefault<KeyHasher>>,
     /// Insertion order, for eviction (first in, first out).
     order: VecDeque<Key>,
     bytes: usize,
 }
 
+impl<T> Default for Fifo<T> {
+    fn default() -> Self {
+        Fifo {
+            map: HashMap::default(),
+            order: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<T: Weigh> Fifo<T> {
+    fn remove(&mut self, key: &Key) {
+        if let Some(e) = self.map.remove(key) {
+            self.bytes = self.bytes.saturating_sub(e.approx_bytes());
+        }
+    }
+
+    /// Inserts, then evicts the oldest entries past the bounds; returns how
+    /// many were evicted.
+    fn insert(&mut self, key: Key, value: Arc<T>, max_entries: usize, max_bytes: usize) -> u64 {
+        let size = value.approx_bytes();
+        if let Some(old) = self.map.insert(key, value) {
+            self.bytes = self.bytes.saturating_sub(old.approx_bytes());
+        } else {
+            self.order.push_back(key);
+        }
+        self.bytes += size;
+        let mut evicted = 0;
+        while self.map.len() > max_entries || self.bytes > max_bytes {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(e) = self.map.remove(&oldest) {
+                self.bytes = self.bytes.saturating_sub(e.approx_bytes());
+                evicted += 1;
+            }
+        }
+        // The order queue may hold keys already removed (expired): keep it
+        // from growing past the map by more than its bound.
+        if self.order.len() > 2 * max_entries.max(16) {
+            let Fifo { map, order, .. } = self;
+            order.retain(|k| map.contains_key(k));
+        }
+        evicted
+    }
+}
+
+/// A request body parsed before: its cache key, and what its record says of
+/// the request. See [`Cache::seen`].
+#[derive(Debug)]
+pub struct Seen {
+    /// The bundle it was parsed on ([`crate::state::Active::epoch`]).
+    pub epoch: u64,
+    pub key: Key,
+    pub asked: crate::audit::Asked,
+}
+
+impl Weigh for Seen {
+    fn approx_bytes(&self) -> usize {
+        let a = &self.asked;
+        // The key twice (map and queue), the map slot, three string
+        // headers and the context's shared allocation.
+        192 + a.texts.iter().map(String::len).sum::<usize>() + a.context.as_bytes().len()
+    }
+}
+
+/// The key under which a body is remembered: SHA-256 over its bytes.
+pub fn body_digest(body: &[u8]) -> Key {
+    let mut h = Sha256::new();
+    h.update(b"vigie-body/v1\n");
+    h.update(body);
+    h.finalize().into()
+}
+
 pub struct Cache {
     config: Config,
-    l1: Mutex<L1>,
+    l1: Mutex<Fifo<Entry>>,
+    /// Bodies already parsed, by [`body_digest`]: bounded by L1's number of
+    /// entries and a quarter of its bytes.
+    bodies: Mutex<Fifo<Seen>>,
     l2: Option<sled::Tree>,
     /// Kept so the database is flushed and closed with the cache.
     db: Option<sled::Db>,
@@ -192,7 +284,8 @@ impl Cache {
         let l2_on = AtomicBool::new(l2.is_some());
         Cache {
             config,
-            l1: Mutex::new(L1::default()),
+            l1: Mutex::new(Fifo::default()),
+            bodies: Mutex::new(Fifo::default()),
             l2,
             db,
             l2_on,
@@ -227,9 +320,7 @@ impl Cache {
                     return Some((e, Tier::L1));
                 }
                 Some(_) => {
-                    if let Some(e) = l1.map.remove(key) {
-                        l1.bytes = l1.bytes.saturating_sub(e.approx_bytes());
-                    }
+                    l1.remove(key);
                     self.stats.expired.fetch_add(1, Ordering::Relaxed);
                 }
                 None => {}
@@ -257,6 +348,17 @@ impl Cache {
         None
     }
 
+    /// A live L1 entry for `key`, counted as a hit; nothing is counted
+    /// when there is none (the caller then goes the whole way, through
+    /// [`Cache::get`]).
+    pub fn hit_l1(&self, key: &Key, now_ms: u64) -> Option<Arc<Entry>> {
+        let l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
+        let e = Arc::clone(l1.map.get(key).filter(|e| e.expires_ms > now_ms)?);
+        drop(l1);
+        self.stats.l1_hits.fetch_add(1, Ordering::Relaxed);
+        Some(e)
+    }
+
     /// Stores an answer in both tiers.
     pub fn put(&self, key: Key, entry: Entry) {
         if !self.config.enabled {
@@ -276,29 +378,38 @@ impl Cache {
     }
 
     fn put_l1(&self, key: Key, entry: Arc<Entry>) {
-        let size = entry.approx_bytes();
+        let c = &self.config;
         let mut l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = l1.map.insert(key, entry) {
-            l1.bytes = l1.bytes.saturating_sub(old.approx_bytes());
-        } else {
-            l1.order.push_back(key);
+        let evicted = l1.insert(key, entry, c.l1_max_entries, c.l1_max_bytes);
+        drop(l1);
+        self.stats
+            .l1_evictions
+            .fetch_add(evicted, Ordering::Relaxed);
+    }
+
+    /// What a body with this digest was parsed into on bundle `epoch`, if
+    /// it was seen and answered there. INVARIANT: only the parse of a body
+    /// that was decided is remembered, and a body's parse is a function of
+    /// its bytes, so the same bytes on the same bundle need no parse: the
+    /// key finds the cached answer, and the record gets the fields it
+    /// would have had.
+    pub fn seen(&self, digest: &Key, epoch: u64) -> Option<Arc<Seen>> {
+        if !self.config.enabled {
+            return None;
         }
-        l1.bytes += size;
-        while l1.map.len() > self.config.l1_max_entries || l1.bytes > self.config.l1_max_bytes {
-            let Some(oldest) = l1.order.pop_front() else {
-                break;
-            };
-            if let Some(e) = l1.map.remove(&oldest) {
-                l1.bytes = l1.bytes.saturating_sub(e.approx_bytes());
-                self.stats.l1_evictions.fetch_add(1, Ordering::Relaxed);
-            }
+        let bodies = self.bodies.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = bodies.map.get(digest).filter(|s| s.epoch == epoch)?;
+        Some(Arc::clone(seen))
+    }
+
+    /// Remembers a decided body's parse (see [`Cache::seen`]).
+    pub fn remember(&self, digest: Key, seen: Seen) {
+        if !self.config.enabled {
+            return;
         }
-        // The order queue may hold keys already removed (expired): keep it
-        // from growing past the map by more than its bound.
-        if l1.order.len() > 2 * self.config.l1_max_entries.max(16) {
-            let L1 { map, order, .. } = &mut *l1;
-            order.retain(|k| map.contains_key(k));
-        }
+        let c = &self.config;
+        let mut bodies = self.bodies.lock().unwrap_or_else(|p| p.into_inner());
+        bodies.insert(digest, Arc::new(seen), c.l1_max_entries, c.l1_max_bytes / 4);
     }
 
     fn l2_failed(&self, e: &sled::Error) {
@@ -347,6 +458,12 @@ impl Cache {
 
     pub fn trim_interval(&self) -> Duration {
         Duration::from_millis(self.config.l2_trim_interval_ms.max(100))
+    }
+
+    /// Bodies remembered and their approximate bytes, for status.
+    pub fn bodies(&self) -> (usize, usize) {
+        let bodies = self.bodies.lock().unwrap_or_else(|p| p.into_inner());
+        (bodies.map.len(), bodies.bytes)
     }
 
     /// Sizes for status and metrics: (L1 entries, L1 bytes, L2 entries, L2 bytes on disk).
@@ -467,6 +584,51 @@ mod tests {
             a,
             key("h2", &input(json!({"a": 1, "b": {"c": 2, "d": [1, 2]}})))
         );
+    }
+
+    #[test]
+    fn bodies_are_bounded_and_kept_for_their_bundle_only() {
+        let c = Cache::open(
+            Config {
+                l2: false,
+                l1_max_entries: 3,
+                ..Config::default()
+            },
+            Path::new("/nonexistent"),
+        );
+        let seen = |i: u8| Seen {
+            epoch: 7,
+            key: [i; 32],
+            asked: crate::audit::Asked {
+                texts: ["P".into(), "A".into(), "R".into()],
+                context: crate::audit::RecordContext::new(&json!({"i": i}), &[]),
+                entities: 0,
+            },
+        };
+        for i in 0..5u8 {
+            c.remember(body_digest(&[i]), seen(i));
+        }
+        assert_eq!(c.bodies().0, 3);
+        assert!(
+            c.seen(&body_digest(&[0]), 7).is_none(),
+            "the oldest were evicted"
+        );
+        assert_eq!(c.seen(&body_digest(&[4]), 7).unwrap().key, [4; 32]);
+        assert!(c.seen(&body_digest(&[4]), 8).is_none(), "another bundle");
+        // A quarter of L1's bytes bounds them too.
+        let small = Cache::open(
+            Config {
+                l2: false,
+                l1_max_bytes: 4 * 300,
+                ..Config::default()
+            },
+            Path::new("/nonexistent"),
+        );
+        for i in 0..5u8 {
+            small.remember(body_digest(&[i]), seen(i));
+        }
+        assert_eq!(small.bodies().0, 1);
+        assert!(small.bodies().1 <= 300);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use envoy_types::pb::google::rpc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::audit::Draft;
+use crate::audit::{Draft, RecordContext};
 use crate::engine::{self, Input, Outcome, Paths};
 use crate::state::Shared;
 
@@ -346,6 +346,7 @@ fn principal(
 
 fn map(
     config: &Config,
+    mask: &[String],
     ns: Option<&str>,
     req: &CheckRequest,
 ) -> Result<Result<Mapped, (Unplaced, Draft)>, tonic::Status> {
@@ -367,7 +368,10 @@ fn map(
             principal,
             action,
             resource,
-            context: serde_json::json!({"method": http.method, "path": http.path}).into(),
+            context: RecordContext::new(
+                &serde_json::json!({"method": http.method, "path": http.path}),
+                mask,
+            ),
             entities: 0,
             allow: false,
             reasons: vec![format!("ext_authz_{}", u.code)],
@@ -569,7 +573,8 @@ impl Authorization for Service {
         let req = request.into_inner();
         let active = self.shared.active();
         let ns = active.bundle.namespace.clone();
-        let mapped = map(&self.shared.config.ext_authz, ns.as_deref(), &req)?;
+        let config = &self.shared.config;
+        let mapped = map(&config.ext_authz, &config.audit.mask, ns.as_deref(), &req)?;
         let (logged, reason) = match mapped {
             Ok(m) => match self.shared.decide_draft(&active, m.input, &parent).await {
                 Ok(decided) => {
@@ -584,7 +589,7 @@ impl Authorization for Service {
                         principal: String::new(),
                         action: String::new(),
                         resource: String::new(),
-                        context: Value::Null.into(),
+                        context: RecordContext::new(&Value::Null, &[]),
                         entities: 0,
                         allow: false,
                         reasons: vec!["ext_authz_invalid_request".into()],

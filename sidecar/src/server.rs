@@ -206,8 +206,8 @@ async fn route(
         }
         "/v1/reload" => reload(shared).await,
         "/v1/is_authorized" => {
-            let query: Query = read_json(shared, req).await?;
-            let logged = decide(shared, query, parent).await?;
+            let body = read_body(shared, req).await?;
+            let logged = decide(shared, &body, parent).await?;
             Ok(json_response(StatusCode::OK, &Answer::of(&logged)))
         }
         "/v1/is_authorized/batch" => {
@@ -245,6 +245,11 @@ async fn read_json<T: DeserializeOwned>(
     shared: &Shared,
     req: Request<Incoming>,
 ) -> Result<T, ApiError> {
+    parse_json(&read_body(shared, req).await?)
+}
+
+/// Reads a body that must be JSON: content type checked, size capped.
+async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     if let Some(ct) = req.headers().get(CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
         let mime = ct.split(';').next().unwrap_or("").trim();
@@ -273,18 +278,15 @@ async fn read_json<T: DeserializeOwned>(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let bytes = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "body_unreadable",
-                format!("cannot read the request body: {e}"),
-            ))
-        }
-    };
-    parse_json(&bytes)
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "body_unreadable",
+            format!("cannot read the request body: {e}"),
+        )),
+    }
 }
 
 /// Parses JSON, naming the field at fault on a data error.
@@ -315,19 +317,18 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// The whole in-process path of `POST /v1/is_authorized` after the body is
 /// read: parse, validate, authorize, log, serialize. (Used by the benchmarks.)
 pub async fn is_authorized(shared: &Shared, body: &[u8]) -> Result<Vec<u8>, ApiError> {
-    let query: Query = parse_json(body)?;
-    let logged = decide(shared, query, &opentelemetry::Context::new()).await?;
+    let logged = decide(shared, body, &opentelemetry::Context::new()).await?;
     Ok(serde_json::to_vec(&Answer::of(&logged)).unwrap_or_default())
 }
 
 async fn decide(
     shared: &Shared,
-    query: Query,
+    body: &[u8],
     parent: &opentelemetry::Context,
 ) -> Result<Logged, ApiError> {
     let active = shared.active();
-    let input = query.into_input()?;
-    let logged = shared.decide_logged(&active, input, parent).await?;
+    let parse = |body: &[u8]| Ok::<_, ApiError>(parse_json::<Query>(body)?.into_input()?);
+    let logged = shared.decide_body(&active, body, parse, parent).await?;
     shared
         .metrics
         .decision(Endpoint::IsAuthorized, logged.outcome.allow);
@@ -655,6 +656,7 @@ fn cache_status(shared: &Shared) -> Value {
     let c = &shared.cache;
     let s = &c.stats;
     let (n1, b1, n2, b2) = c.sizes();
+    let (nb, bb) = c.bodies();
     json!({
         "enabled": c.enabled(),
         "ttl_ms": c.ttl().as_millis() as u64,
@@ -662,6 +664,7 @@ fn cache_status(shared: &Shared) -> Value {
         "expired": s.expired.load(Ordering::Relaxed),
         "l1": {"hits": s.l1_hits.load(Ordering::Relaxed), "evictions": s.l1_evictions.load(Ordering::Relaxed), "entries": n1, "bytes": b1},
         "l2": {"enabled": c.l2_enabled(), "hits": s.l2_hits.load(Ordering::Relaxed), "evictions": s.l2_evictions.load(Ordering::Relaxed), "entries": n2, "bytes": b2},
+        "bodies": {"hits": s.body_hits.load(Ordering::Relaxed), "entries": nb, "bytes": bb},
     })
 }
 

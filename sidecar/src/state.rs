@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 
 use crate::audit::outbox::{self, Opened, Outbox};
-use crate::audit::{self, Draft};
+use crate::audit::{self, Draft, RecordContext};
 use crate::cache::{self, Cache};
 use crate::config::Config;
 use crate::engine::{Engine, Input, InputError, Outcome};
@@ -354,10 +354,12 @@ impl Shared {
     /// Answers from the cache, or runs the plugins that apply, evaluates and
     /// caches. Returns the outcome, whether it came from the cache, and what
     /// each plugin did. `active` is the request's snapshot.
+    /// `key`: the request's cache key, `None` with the cache off.
     pub async fn decide(
         &self,
         active: &Active,
         mut input: Input,
+        key: Option<cache::Key>,
     ) -> Result<(Outcome, bool, Vec<plugin::Report>), InputError> {
         let plugins = &active.plugins;
         let action = &input.texts[1];
@@ -382,10 +384,6 @@ impl Shared {
                 }
             }
         }
-        let key = self
-            .cache
-            .enabled()
-            .then(|| cache::key(&active.bundle.hash, &input));
         let now = cache::now_ms();
         if let Some(key) = &key {
             // INVARIANT: only valid requests are ever cached, so a hit needs
@@ -465,42 +463,70 @@ impl Shared {
         input: Input,
         parent: &opentelemetry::Context,
     ) -> Result<(Outcome, bool, Draft), InputError> {
-        use opentelemetry::trace::{FutureExt, SpanKind, TraceContextExt};
+        let key = self
+            .cache
+            .enabled()
+            .then(|| cache::key(&active.bundle.hash, &input));
+        self.decide_keyed(active, input, key, parent).await
+    }
+
+    async fn decide_keyed(
+        &self,
+        active: &Active,
+        input: Input,
+        key: Option<cache::Key>,
+        parent: &opentelemetry::Context,
+    ) -> Result<(Outcome, bool, Draft), InputError> {
+        use opentelemetry::trace::{FutureExt, SpanKind};
         use opentelemetry::KeyValue;
-        let [principal, action, resource] = input.texts.clone();
-        let context = Arc::clone(&input.context);
-        let entities = input.entities.len();
+        let asked = audit::Asked {
+            texts: input.texts.clone(),
+            context: RecordContext::new(&input.context, &self.config.audit.mask),
+            entities: input.entities.len(),
+        };
         // A span per decision, child of the caller's; the evaluation (on a
         // cache miss) is its child.
         let span = telemetry::start("vigie.decision", SpanKind::Server, parent);
-        let trace_id = telemetry::trace_id(&span);
-        let recording = span.span().is_recording();
-        let types = recording.then(|| {
-            (
-                input.principal.type_name().to_string(),
-                input.resource.type_name().to_string(),
-            )
-        });
-        let decided = self.decide(active, input).with_context(span.clone()).await;
-        let (outcome, cached, reports) = match decided {
-            Ok(d) => d,
+        let decided = self
+            .decide(active, input, key)
+            .with_context(span.clone())
+            .await;
+        match decided {
+            Ok((outcome, cached, reports)) => {
+                Ok(self.draft(active, &span, asked, outcome, cached, &reports))
+            }
             Err(e) => {
                 telemetry::end_decision(&span, vec![KeyValue::new("vigie.error", e.code)]);
-                return Err(e);
+                Err(e)
             }
-        };
+        }
+    }
+
+    /// Ends the decision's span and drafts its record.
+    fn draft(
+        &self,
+        active: &Active,
+        span: &opentelemetry::Context,
+        asked: audit::Asked,
+        outcome: Outcome,
+        cached: bool,
+        reports: &[plugin::Report],
+    ) -> (Outcome, bool, Draft) {
+        use opentelemetry::trace::TraceContextExt;
+        use opentelemetry::KeyValue;
+        let [principal, action, resource] = asked.texts;
         let decision_id = uuid::Uuid::now_v7().to_string();
         // Attributes only for a span that is recorded (an exporter is set).
-        if let Some((principal_type, resource_type)) = types {
+        if span.span().is_recording() {
             let mut attributes = vec![
                 KeyValue::new(
                     "vigie.decision",
                     if outcome.allow { "Allow" } else { "Deny" },
                 ),
                 KeyValue::new("vigie.policy_ids", outcome.reasons.join(",")),
-                KeyValue::new("vigie.principal_type", principal_type),
+                KeyValue::new("vigie.principal_type", type_of(&principal).to_owned()),
                 KeyValue::new("vigie.action", action.clone()),
-                KeyValue::new("vigie.resource_type", resource_type),
+                KeyValue::new("vigie.resource_type", type_of(&resource).to_owned()),
                 KeyValue::new("vigie.cache_hit", cached),
                 KeyValue::new("vigie.decision_id", decision_id.clone()),
                 KeyValue::new("vigie.policy_epoch", active.epoch as i64),
@@ -512,9 +538,9 @@ impl Shared {
                     .collect();
                 attributes.push(KeyValue::new("vigie.plugins", summary.join(",")));
             }
-            telemetry::end_decision(&span, attributes);
+            telemetry::end_decision(span, attributes);
         } else {
-            telemetry::end_decision(&span, Vec::new());
+            telemetry::end_decision(span, Vec::new());
         }
         tracing::debug!(
             decision_id = %decision_id,
@@ -524,13 +550,13 @@ impl Shared {
             "decision"
         );
         let draft = Draft {
-            trace_id,
+            trace_id: telemetry::trace_id(span),
             decision_id,
             principal,
             action,
             resource,
-            context,
-            entities,
+            context: asked.context,
+            entities: asked.entities,
             allow: outcome.allow,
             reasons: outcome.reasons.clone(),
             errors: outcome.errors.clone(),
@@ -539,7 +565,7 @@ impl Shared {
             cached,
             plugins: reports.iter().map(plugin::Report::to_json).collect(),
         };
-        Ok((outcome, cached, draft))
+        (outcome, cached, draft)
     }
 
     /// Logs drafted decisions in one group commit and returns the answers:
@@ -573,6 +599,58 @@ impl Shared {
             .collect()
     }
 
+    /// [`Shared::decide_logged`] for a request body, which `parse` turns
+    /// into an input. A body whose very bytes were decided before on this
+    /// bundle, and whose answer is still in L1, is answered without being
+    /// parsed again ([`Cache::seen`]), and logged like any other decision.
+    pub async fn decide_body<E: From<InputError>>(
+        &self,
+        active: &Active,
+        body: &[u8],
+        parse: impl FnOnce(&[u8]) -> Result<Input, E>,
+        parent: &opentelemetry::Context,
+    ) -> Result<Logged, E> {
+        if !self.cache.enabled() {
+            return Ok(self.decide_logged(active, parse(body)?, parent).await?);
+        }
+        let digest = cache::body_digest(body);
+        let hit = self.cache.seen(&digest, active.epoch).and_then(|seen| {
+            let entry = self.cache.hit_l1(&seen.key, cache::now_ms())?;
+            Some((seen, entry))
+        });
+        let decided = match hit {
+            Some((seen, entry)) => {
+                let stats = &self.cache.stats;
+                stats
+                    .body_hits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let span = telemetry::start(
+                    "vigie.decision",
+                    opentelemetry::trace::SpanKind::Server,
+                    parent,
+                );
+                let asked = seen.asked.clone();
+                self.draft(active, &span, asked, entry.outcome(), true, &[])
+            }
+            None => {
+                let input = parse(body)?;
+                let key = cache::key(&active.bundle.hash, &input);
+                let decided = self.decide_keyed(active, input, Some(key), parent).await?;
+                let d = &decided.2;
+                let asked = audit::Asked {
+                    texts: [d.principal.clone(), d.action.clone(), d.resource.clone()],
+                    context: d.context.clone(),
+                    entities: d.entities,
+                };
+                let epoch = active.epoch;
+                self.cache
+                    .remember(digest, cache::Seen { epoch, key, asked });
+                decided
+            }
+        };
+        Ok(self.log_all(vec![decided]).await.remove(0))
+    }
+
     /// One decision, logged.
     pub async fn decide_logged(
         &self,
@@ -584,4 +662,9 @@ impl Shared {
         let mut out = self.log_all(vec![decided]).await;
         Ok(out.remove(0))
     }
+}
+
+/// The type of a uid as Cedar writes it (`NS::User` of `NS::User::"alice"`).
+fn type_of(uid: &str) -> &str {
+    uid.find("::\"").map_or(uid, |i| &uid[..i])
 }

@@ -57,6 +57,69 @@ fn the_second_identical_request_is_cached() {
     );
 }
 
+/// The records in the outbox, in order.
+fn records(data: &std::path::Path) -> Vec<Value> {
+    let mut segments: Vec<_> = std::fs::read_dir(data.join("outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "vlog"))
+        .collect();
+    segments.sort();
+    let mut out = Vec::new();
+    for path in segments {
+        let bytes = std::fs::read(path).unwrap();
+        let starts = bytes.windows(10).enumerate();
+        for (i, _) in starts.filter(|(_, w)| w == b"{\"cached\":") {
+            let mut values = serde_json::Deserializer::from_slice(&bytes[i..]).into_iter::<Value>();
+            out.push(values.next().unwrap().unwrap());
+        }
+    }
+    out
+}
+
+/// The same bytes again are answered from their remembered parse; the
+/// answer and the record are those a parse gives, masks included.
+#[test]
+fn a_body_seen_before_is_not_parsed_again_and_logged_alike() {
+    let data = tempfile::tempdir().unwrap();
+    let mask = ("VIGIE_AUDIT_MASK", r#"["context.ip"]"#);
+    let v = Vigie::start_in(&example_policies(), data.path(), &[], &[mask]);
+    let req = read(
+        "alice",
+        "social-002",
+        json!({"mfa": {"present": true, "methods": ["otp"], "age_seconds": 5, "hardware": false}, "ip": "10.0.0.1"}),
+    );
+    assert_eq!(ask(&v, &req), ("Allow".into(), false));
+    assert_eq!(ask(&v, &req), ("Allow".into(), true));
+    // The same question in other bytes: parsed, then found in the cache.
+    let reordered = read(
+        "alice",
+        "social-002",
+        json!({"ip": "10.0.0.1", "mfa": {"hardware": false, "age_seconds": 5, "methods": ["otp"], "present": true}}),
+    );
+    assert_eq!(ask(&v, &reordered), ("Allow".into(), true));
+
+    let cache = &v.get("/v1/status").json()["cache"];
+    assert_eq!(cache["bodies"]["hits"], 1, "{cache}");
+    assert_eq!(cache["bodies"]["entries"], 2, "{cache}");
+    assert_eq!(cache["l1"]["hits"], 2, "{cache}");
+    assert_eq!(cache["misses"], 1, "{cache}");
+
+    let decisions: Vec<Value> = records(data.path())
+        .into_iter()
+        .filter(|r| r["kind"] == "decision")
+        .collect();
+    assert_eq!(decisions.len(), 3);
+    let cached: Vec<&Value> = decisions.iter().map(|r| &r["cached"]).collect();
+    assert_eq!(cached, [false, true, true]);
+    for r in &decisions {
+        assert_eq!(r["request"], decisions[0]["request"]);
+        assert_eq!(r["reasons"], json!(["staff-read-sensitive-mfa"]));
+    }
+    assert_eq!(decisions[1]["request"]["context"]["ip"], "<masked>");
+    assert_ne!(decisions[1]["decision_id"], decisions[0]["decision_id"]);
+}
+
 #[test]
 fn a_reload_flips_cached_answers_at_once() {
     let dir = tempfile::tempdir().unwrap();

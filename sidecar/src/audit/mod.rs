@@ -136,8 +136,8 @@ pub struct Draft {
     pub principal: String,
     pub action: String,
     pub resource: String,
-    /// The caller's context (shared with the request being decided).
-    pub context: std::sync::Arc<Value>,
+    /// The caller's context, masked and encoded.
+    pub context: RecordContext,
     pub entities: usize,
     pub allow: bool,
     pub reasons: Vec<String>,
@@ -151,6 +151,40 @@ pub struct Draft {
     pub plugins: Vec<Value>,
 }
 
+/// What a record says of its request.
+#[derive(Debug, Clone)]
+pub struct Asked {
+    /// Principal, action and resource as Cedar writes them.
+    pub texts: [String; 3],
+    pub context: RecordContext,
+    /// How many request-scoped entities came with it.
+    pub entities: usize,
+}
+
+/// The caller's context as a record writes it: canonical JSON with the
+/// masked paths replaced by `"<masked>"`, encoded once when the decision is
+/// drafted (a secret never waits in the outbox's queue), and shared, not
+/// copied, by every record that asks the same thing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordContext(std::sync::Arc<[u8]>);
+
+impl RecordContext {
+    /// `mask`: context paths to mask (`context.id_token`), as configured.
+    pub fn new(context: &Value, mask: &[String]) -> Self {
+        let masks: Vec<&str> = mask
+            .iter()
+            .map(|m| m.strip_prefix("context.").unwrap_or(m))
+            .collect();
+        let mut out = Vec::with_capacity(128);
+        crate::canon::write_masked(context, &masks, &mut out);
+        RecordContext(out.into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// The fields every record shares.
 pub struct Stamp<'a> {
     pub sidecar: &'a str,
@@ -162,10 +196,9 @@ pub struct Stamp<'a> {
 impl Draft {
     /// The record's canonical bytes, written field by field in key order
     /// (what [`crate::canon::to_vec`] gives for the same record as a JSON
-    /// value, without building one). `mask`: context paths to mask
-    /// (`context.id_token`).
-    pub fn encode(&self, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
-        use crate::canon::{string, strings, uint, write, write_masked};
+    /// value, without building one).
+    pub fn encode(&self, stamp: &Stamp<'_>) -> Vec<u8> {
+        use crate::canon::{string, strings, uint, write};
         let mut out = Vec::with_capacity(512);
         let o = &mut out;
         o.extend_from_slice(b"{\"cached\":");
@@ -198,11 +231,7 @@ impl Draft {
         o.extend_from_slice(b",\"request\":{\"action\":");
         string(&self.action, o);
         o.extend_from_slice(b",\"context\":");
-        let masks: Vec<&str> = mask
-            .iter()
-            .map(|m| m.strip_prefix("context.").unwrap_or(m))
-            .collect();
-        write_masked(&self.context, &masks, o);
+        o.extend_from_slice(self.context.as_bytes());
         o.extend_from_slice(b",\"entities\":");
         uint(self.entities as u64, o);
         o.extend_from_slice(b",\"principal\":");
@@ -384,8 +413,8 @@ mod tests {
 
     /// The record as a JSON value, encoded by `canon`: what `encode` must
     /// give, byte for byte.
-    fn reference(d: &Draft, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
-        let mut context = (*d.context).clone();
+    fn reference(d: &Draft, context: &Value, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
+        let mut context = context.clone();
         for path in mask {
             mask_path(&mut context, path);
         }
@@ -416,14 +445,14 @@ mod tests {
 
     #[test]
     fn the_encoder_gives_the_canonical_bytes() {
+        let context = json!({"z": 1, "a": {"y": [true, null, "x"], "b": -3}, "id_token": "t",
+                             "mfa": {"present": true, "id_token": "keep"}});
         let mut d = Draft {
             decision_id: "0193-\"quoted\"".into(),
             principal: "Agency::User::\"é\\n\u{1}\"".into(),
             action: "Agency::Action::\"read\"".into(),
             resource: "R".into(),
-            context: json!({"z": 1, "a": {"y": [true, null, "x"], "b": -3}, "id_token": "t",
-                            "mfa": {"present": true, "id_token": "keep"}})
-            .into(),
+            context: RecordContext::new(&context, &[]),
             entities: 2,
             allow: false,
             reasons: vec!["b".into(), "a\u{7f}".into()],
@@ -444,15 +473,16 @@ mod tests {
         };
         let masks = vec!["context.id_token".to_owned(), "context.a.b".to_owned()];
         for mask in [&masks[..], &[]] {
+            d.context = RecordContext::new(&context, mask);
             assert_eq!(
-                String::from_utf8(d.encode(&stamp, mask)).unwrap(),
-                String::from_utf8(reference(&d, &stamp, mask)).unwrap()
+                String::from_utf8(d.encode(&stamp)).unwrap(),
+                String::from_utf8(reference(&d, &context, &stamp, mask)).unwrap()
             );
         }
         d.trace_id = None;
         d.plugins.clear();
-        d.context = json!({}).into();
-        assert_eq!(d.encode(&stamp, &masks), reference(&d, &stamp, &masks));
+        d.context = RecordContext::new(&json!({}), &masks);
+        assert_eq!(d.encode(&stamp), reference(&d, &json!({}), &stamp, &masks));
     }
 
     #[test]
@@ -462,9 +492,10 @@ mod tests {
             principal: "P".into(),
             action: "A".into(),
             resource: "R".into(),
-            context:
-                json!({"device": {"token": "secret-token", "managed": true}, "ip": "10.0.0.1"})
-                    .into(),
+            context: RecordContext::new(
+                &json!({"device": {"token": "secret-token", "managed": true}, "ip": "10.0.0.1"}),
+                &["context.device.token".into()],
+            ),
             entities: 0,
             allow: true,
             reasons: vec!["p".into()],
@@ -481,7 +512,7 @@ mod tests {
             seq: 3,
             ts: "t",
         };
-        let bytes = d.encode(&stamp, &["context.device.token".into()]);
+        let bytes = d.encode(&stamp);
         let text = String::from_utf8(bytes).unwrap();
         assert!(!text.contains("secret-token"), "{text}");
         assert!(text.contains("\"token\":\"<masked>\""), "{text}");

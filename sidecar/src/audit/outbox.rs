@@ -830,15 +830,12 @@ impl Writer {
             .iter()
             .enumerate()
             .map(|(i, d)| {
-                d.encode(
-                    &Stamp {
-                        sidecar: &self.sidecar,
-                        chain: &chain,
-                        seq: self.next + i as u64,
-                        ts: &ts,
-                    },
-                    &self.config.mask,
-                )
+                d.encode(&Stamp {
+                    sidecar: &self.sidecar,
+                    chain: &chain,
+                    seq: self.next + i as u64,
+                    ts: &ts,
+                })
             })
             .collect();
         let size: u64 = payloads
@@ -1028,6 +1025,7 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::RecordContext;
     use serde_json::json;
 
     fn draft(i: u64) -> Draft {
@@ -1036,7 +1034,7 @@ mod tests {
             principal: "P".into(),
             action: "A".into(),
             resource: "R".into(),
-            context: json!({}).into(),
+            context: RecordContext::new(&json!({}), &[]),
             entities: 0,
             allow: true,
             reasons: vec![],
@@ -1211,7 +1209,7 @@ mod tests {
     /// segment in the ninth.
     fn fill_past_a_segment(rt: &tokio::runtime::Runtime, ob: &Outbox) {
         let big = |i: u64| Draft {
-            context: json!({ "blob": "x".repeat(100_000) }).into(),
+            context: RecordContext::new(&json!({ "blob": "x".repeat(100_000) }), &[]),
             ..draft(i)
         };
         rt.block_on(async {
