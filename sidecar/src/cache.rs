@@ -196,22 +196,30 @@ impl<T: Weigh> Fifo<T> {
     }
 }
 
-/// A request body parsed before: its cache key, and what its record says of
-/// the request. See [`Cache::seen`].
+/// A request body decided before: its cached answer, and what its record
+/// says of the request. See [`Cache::seen`].
 #[derive(Debug)]
 pub struct Seen {
     /// The bundle it was parsed on ([`crate::state::Active::epoch`]).
-    pub epoch: u64,
-    pub key: Key,
-    pub asked: crate::audit::Asked,
+    epoch: u64,
+    entry: Arc<Entry>,
+    pub asked: Arc<crate::audit::Asked>,
+}
+
+impl Seen {
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
 }
 
 impl Weigh for Seen {
     fn approx_bytes(&self) -> usize {
         let a = &self.asked;
-        // The key twice (map and queue), the map slot, three string
-        // headers and the context's shared allocation.
-        192 + a.texts.iter().map(String::len).sum::<usize>() + a.context.as_bytes().len()
+        // The digest twice (map and queue), the map slot, the request's
+        // texts and encoding; the answer, which L1 may have let go.
+        192 + a.texts.iter().map(String::len).sum::<usize>()
+            + a.encoded().len()
+            + self.entry.approx_bytes()
     }
 }
 
@@ -348,17 +356,6 @@ impl Cache {
         None
     }
 
-    /// A live L1 entry for `key`, counted as a hit; nothing is counted
-    /// when there is none (the caller then goes the whole way, through
-    /// [`Cache::get`]).
-    pub fn hit_l1(&self, key: &Key, now_ms: u64) -> Option<Arc<Entry>> {
-        let l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
-        let e = Arc::clone(l1.map.get(key).filter(|e| e.expires_ms > now_ms)?);
-        drop(l1);
-        self.stats.l1_hits.fetch_add(1, Ordering::Relaxed);
-        Some(e)
-    }
-
     /// Stores an answer in both tiers.
     pub fn put(&self, key: Key, entry: Entry) {
         if !self.config.enabled {
@@ -387,29 +384,49 @@ impl Cache {
             .fetch_add(evicted, Ordering::Relaxed);
     }
 
-    /// What a body with this digest was parsed into on bundle `epoch`, if
-    /// it was seen and answered there. INVARIANT: only the parse of a body
-    /// that was decided is remembered, and a body's parse is a function of
-    /// its bytes, so the same bytes on the same bundle need no parse: the
-    /// key finds the cached answer, and the record gets the fields it
-    /// would have had.
-    pub fn seen(&self, digest: &Key, epoch: u64) -> Option<Arc<Seen>> {
+    /// What a body with this digest was parsed into and answered on bundle
+    /// `epoch`, while that answer lives (counted as an L1 hit).
+    ///
+    /// INVARIANT: only a body whose answer was cached is remembered, with
+    /// that answer. A body's parse is a function of its bytes, and the
+    /// answer's key a function of the parse and the bundle: the same bytes
+    /// on the same bundle would find the same entry, so they need no parse,
+    /// and their record gets the fields a parse would give.
+    pub fn seen(&self, digest: &Key, epoch: u64, now_ms: u64) -> Option<Arc<Seen>> {
         if !self.config.enabled {
             return None;
         }
         let bodies = self.bodies.lock().unwrap_or_else(|p| p.into_inner());
-        let seen = bodies.map.get(digest).filter(|s| s.epoch == epoch)?;
-        Some(Arc::clone(seen))
+        let live = |s: &&Arc<Seen>| s.epoch == epoch && s.entry.expires_ms > now_ms;
+        let seen = Arc::clone(bodies.map.get(digest).filter(live)?);
+        drop(bodies);
+        self.stats.l1_hits.fetch_add(1, Ordering::Relaxed);
+        self.stats.body_hits.fetch_add(1, Ordering::Relaxed);
+        Some(seen)
     }
 
-    /// Remembers a decided body's parse (see [`Cache::seen`]).
-    pub fn remember(&self, digest: Key, seen: Seen) {
+    /// Remembers a decided body (see [`Cache::seen`]): `key` is its
+    /// parse's cache key on bundle `epoch`. Nothing is remembered when the
+    /// answer was not cached (a plugin's failure mode decided it).
+    pub fn remember(&self, digest: Key, epoch: u64, key: &Key, asked: Arc<crate::audit::Asked>) {
         if !self.config.enabled {
             return;
         }
+        let entry = {
+            let l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
+            match l1.map.get(key) {
+                Some(e) => Arc::clone(e),
+                None => return,
+            }
+        };
+        let seen = Arc::new(Seen {
+            epoch,
+            entry,
+            asked,
+        });
         let c = &self.config;
         let mut bodies = self.bodies.lock().unwrap_or_else(|p| p.into_inner());
-        bodies.insert(digest, Arc::new(seen), c.l1_max_entries, c.l1_max_bytes / 4);
+        bodies.insert(digest, seen, c.l1_max_entries, c.l1_max_bytes / 4);
     }
 
     fn l2_failed(&self, e: &sled::Error) {
@@ -596,39 +613,47 @@ mod tests {
             },
             Path::new("/nonexistent"),
         );
-        let seen = |i: u8| Seen {
-            epoch: 7,
-            key: [i; 32],
-            asked: crate::audit::Asked {
-                texts: ["P".into(), "A".into(), "R".into()],
-                context: crate::audit::RecordContext::new(&json!({"i": i}), &[]),
-                entities: 0,
-            },
+        let asked = |i: u8| {
+            let texts = ["P".into(), "A".into(), "R".into()];
+            Arc::new(crate::audit::Asked::new(texts, &json!({"i": i}), 0, &[]))
         };
         for i in 0..5u8 {
-            c.remember(body_digest(&[i]), seen(i));
+            c.put([i; 32], entry(1_000));
+            c.remember(body_digest(&[i]), 7, &[i; 32], asked(i));
         }
         assert_eq!(c.bodies().0, 3);
         assert!(
-            c.seen(&body_digest(&[0]), 7).is_none(),
+            c.seen(&body_digest(&[0]), 7, 10).is_none(),
             "the oldest were evicted"
         );
-        assert_eq!(c.seen(&body_digest(&[4]), 7).unwrap().key, [4; 32]);
-        assert!(c.seen(&body_digest(&[4]), 8).is_none(), "another bundle");
+        let seen = c.seen(&body_digest(&[4]), 7, 10).unwrap();
+        assert!(seen
+            .asked
+            .encoded()
+            .starts_with(br#"{"action":"A","context":{"i":4}"#));
+        assert!(
+            c.seen(&body_digest(&[4]), 8, 10).is_none(),
+            "another bundle"
+        );
+        assert!(c.seen(&body_digest(&[4]), 7, 1_000).is_none(), "expired");
+        // A body whose answer is not cached is not remembered.
+        c.remember(body_digest(&[9]), 7, &[9; 32], asked(9));
+        assert!(c.seen(&body_digest(&[9]), 7, 10).is_none());
         // A quarter of L1's bytes bounds them too.
         let small = Cache::open(
             Config {
                 l2: false,
-                l1_max_bytes: 4 * 300,
+                l1_max_bytes: 4 * 400,
                 ..Config::default()
             },
             Path::new("/nonexistent"),
         );
         for i in 0..5u8 {
-            small.remember(body_digest(&[i]), seen(i));
+            small.put([i; 32], entry(1_000));
+            small.remember(body_digest(&[i]), 7, &[i; 32], asked(i));
         }
         assert_eq!(small.bodies().0, 1);
-        assert!(small.bodies().1 <= 300);
+        assert!(small.bodies().1 <= 400);
     }
 
     #[test]

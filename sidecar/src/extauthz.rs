@@ -28,7 +28,7 @@ use envoy_types::pb::google::rpc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::audit::{Draft, RecordContext};
+use crate::audit::{Asked, Draft};
 use crate::engine::{self, Input, Outcome, Paths};
 use crate::state::Shared;
 
@@ -365,14 +365,12 @@ fn map(
     let denied = |u: Unplaced, principal: String, action: String, resource: String| {
         let draft = Draft {
             decision_id: uuid::Uuid::now_v7().to_string(),
-            principal,
-            action,
-            resource,
-            context: RecordContext::new(
+            request: Arc::new(Asked::new(
+                [principal, action, resource],
                 &serde_json::json!({"method": http.method, "path": http.path}),
+                0,
                 mask,
-            ),
-            entities: 0,
+            )),
             allow: false,
             reasons: vec![format!("ext_authz_{}", u.code)],
             errors: vec![u.message.clone()],
@@ -586,11 +584,7 @@ impl Authorization for Service {
                     // The request maps, but the schema refuses it: deny, and log why.
                     let draft = Draft {
                         decision_id: uuid::Uuid::now_v7().to_string(),
-                        principal: String::new(),
-                        action: String::new(),
-                        resource: String::new(),
-                        context: RecordContext::new(&Value::Null, &[]),
-                        entities: 0,
+                        request: Arc::new(Asked::new(Default::default(), &Value::Null, 0, &[])),
                         allow: false,
                         reasons: vec!["ext_authz_invalid_request".into()],
                         errors: vec![format!("{}: {}", e.path, e.message)],

@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 
 use crate::audit::outbox::{self, Opened, Outbox};
-use crate::audit::{self, Draft, RecordContext};
+use crate::audit::{self, Asked, Draft};
 use crate::cache::{self, Cache};
 use crate::config::Config;
 use crate::engine::{Engine, Input, InputError, Outcome};
@@ -479,11 +479,12 @@ impl Shared {
     ) -> Result<(Outcome, bool, Draft), InputError> {
         use opentelemetry::trace::{FutureExt, SpanKind};
         use opentelemetry::KeyValue;
-        let asked = audit::Asked {
-            texts: input.texts.clone(),
-            context: RecordContext::new(&input.context, &self.config.audit.mask),
-            entities: input.entities.len(),
-        };
+        let asked = Arc::new(Asked::new(
+            input.texts.clone(),
+            &input.context,
+            input.entities.len(),
+            &self.config.audit.mask,
+        ));
         // A span per decision, child of the caller's; the evaluation (on a
         // cache miss) is its child.
         let span = telemetry::start("vigie.decision", SpanKind::Server, parent);
@@ -507,14 +508,14 @@ impl Shared {
         &self,
         active: &Active,
         span: &opentelemetry::Context,
-        asked: audit::Asked,
+        asked: Arc<Asked>,
         outcome: Outcome,
         cached: bool,
         reports: &[plugin::Report],
     ) -> (Outcome, bool, Draft) {
         use opentelemetry::trace::TraceContextExt;
         use opentelemetry::KeyValue;
-        let [principal, action, resource] = asked.texts;
+        let [principal, action, resource] = &asked.texts;
         let decision_id = uuid::Uuid::now_v7().to_string();
         // Attributes only for a span that is recorded (an exporter is set).
         if span.span().is_recording() {
@@ -524,9 +525,9 @@ impl Shared {
                     if outcome.allow { "Allow" } else { "Deny" },
                 ),
                 KeyValue::new("vigie.policy_ids", outcome.reasons.join(",")),
-                KeyValue::new("vigie.principal_type", type_of(&principal).to_owned()),
+                KeyValue::new("vigie.principal_type", type_of(principal).to_owned()),
                 KeyValue::new("vigie.action", action.clone()),
-                KeyValue::new("vigie.resource_type", type_of(&resource).to_owned()),
+                KeyValue::new("vigie.resource_type", type_of(resource).to_owned()),
                 KeyValue::new("vigie.cache_hit", cached),
                 KeyValue::new("vigie.decision_id", decision_id.clone()),
                 KeyValue::new("vigie.policy_epoch", active.epoch as i64),
@@ -552,11 +553,7 @@ impl Shared {
         let draft = Draft {
             trace_id: telemetry::trace_id(span),
             decision_id,
-            principal,
-            action,
-            resource,
-            context: asked.context,
-            entities: asked.entities,
+            request: asked,
             allow: outcome.allow,
             reasons: outcome.reasons.clone(),
             errors: outcome.errors.clone(),
@@ -601,7 +598,7 @@ impl Shared {
 
     /// [`Shared::decide_logged`] for a request body, which `parse` turns
     /// into an input. A body whose very bytes were decided before on this
-    /// bundle, and whose answer is still in L1, is answered without being
+    /// bundle, and whose answer still lives, is answered without being
     /// parsed again ([`Cache::seen`]), and logged like any other decision.
     pub async fn decide_body<E: From<InputError>>(
         &self,
@@ -614,37 +611,22 @@ impl Shared {
             return Ok(self.decide_logged(active, parse(body)?, parent).await?);
         }
         let digest = cache::body_digest(body);
-        let hit = self.cache.seen(&digest, active.epoch).and_then(|seen| {
-            let entry = self.cache.hit_l1(&seen.key, cache::now_ms())?;
-            Some((seen, entry))
-        });
-        let decided = match hit {
-            Some((seen, entry)) => {
-                let stats = &self.cache.stats;
-                stats
-                    .body_hits
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let decided = match self.cache.seen(&digest, active.epoch, cache::now_ms()) {
+            Some(seen) => {
                 let span = telemetry::start(
                     "vigie.decision",
                     opentelemetry::trace::SpanKind::Server,
                     parent,
                 );
-                let asked = seen.asked.clone();
-                self.draft(active, &span, asked, entry.outcome(), true, &[])
+                let (asked, outcome) = (Arc::clone(&seen.asked), seen.entry().outcome());
+                self.draft(active, &span, asked, outcome, true, &[])
             }
             None => {
                 let input = parse(body)?;
                 let key = cache::key(&active.bundle.hash, &input);
                 let decided = self.decide_keyed(active, input, Some(key), parent).await?;
-                let d = &decided.2;
-                let asked = audit::Asked {
-                    texts: [d.principal.clone(), d.action.clone(), d.resource.clone()],
-                    context: d.context.clone(),
-                    entities: d.entities,
-                };
-                let epoch = active.epoch;
-                self.cache
-                    .remember(digest, cache::Seen { epoch, key, asked });
+                let asked = Arc::clone(&decided.2.request);
+                self.cache.remember(digest, active.epoch, &key, asked);
                 decided
             }
         };

@@ -28,6 +28,7 @@
 pub mod outbox;
 pub mod shipper;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -133,12 +134,8 @@ pub enum WhenFull {
 #[derive(Debug, Clone)]
 pub struct Draft {
     pub decision_id: String,
-    pub principal: String,
-    pub action: String,
-    pub resource: String,
-    /// The caller's context, masked and encoded.
-    pub context: RecordContext,
-    pub entities: usize,
+    /// The request, as the record writes it.
+    pub request: Arc<Asked>,
     pub allow: bool,
     pub reasons: Vec<String>,
     pub errors: Vec<String>,
@@ -151,37 +148,50 @@ pub struct Draft {
     pub plugins: Vec<Value>,
 }
 
-/// What a record says of its request.
-#[derive(Debug, Clone)]
+/// What a record says of its request, encoded once when the decision is
+/// drafted: the outbox copies the bytes, a masked secret never waits in its
+/// queue, and a body seen again ([`crate::cache::Cache::seen`]) shares them.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Asked {
     /// Principal, action and resource as Cedar writes them.
     pub texts: [String; 3],
-    pub context: RecordContext,
-    /// How many request-scoped entities came with it.
-    pub entities: usize,
+    /// The record's `request` object, canonical: `{"action", "context",
+    /// "entities" (how many request-scoped entities came with it),
+    /// "principal", "resource"}`, with the context's masked paths replaced
+    /// by `"<masked>"`.
+    encoded: Box<[u8]>,
 }
 
-/// The caller's context as a record writes it: canonical JSON with the
-/// masked paths replaced by `"<masked>"`, encoded once when the decision is
-/// drafted (a secret never waits in the outbox's queue), and shared, not
-/// copied, by every record that asks the same thing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecordContext(std::sync::Arc<[u8]>);
-
-impl RecordContext {
+impl Asked {
     /// `mask`: context paths to mask (`context.id_token`), as configured.
-    pub fn new(context: &Value, mask: &[String]) -> Self {
+    pub fn new(texts: [String; 3], context: &Value, entities: usize, mask: &[String]) -> Self {
+        use crate::canon::{string, uint, write_masked};
         let masks: Vec<&str> = mask
             .iter()
             .map(|m| m.strip_prefix("context.").unwrap_or(m))
             .collect();
-        let mut out = Vec::with_capacity(128);
-        crate::canon::write_masked(context, &masks, &mut out);
-        RecordContext(out.into())
+        let [principal, action, resource] = &texts;
+        let mut out = Vec::with_capacity(256);
+        let o = &mut out;
+        o.extend_from_slice(b"{\"action\":");
+        string(action, o);
+        o.extend_from_slice(b",\"context\":");
+        write_masked(context, &masks, o);
+        o.extend_from_slice(b",\"entities\":");
+        uint(entities as u64, o);
+        o.extend_from_slice(b",\"principal\":");
+        string(principal, o);
+        o.extend_from_slice(b",\"resource\":");
+        string(resource, o);
+        o.push(b'}');
+        Asked {
+            texts,
+            encoded: out.into(),
+        }
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+    pub fn encoded(&self) -> &[u8] {
+        &self.encoded
     }
 }
 
@@ -228,17 +238,9 @@ impl Draft {
         string(&self.policy_hash, o);
         o.extend_from_slice(b"},\"reasons\":");
         strings(&self.reasons, o);
-        o.extend_from_slice(b",\"request\":{\"action\":");
-        string(&self.action, o);
-        o.extend_from_slice(b",\"context\":");
-        o.extend_from_slice(self.context.as_bytes());
-        o.extend_from_slice(b",\"entities\":");
-        uint(self.entities as u64, o);
-        o.extend_from_slice(b",\"principal\":");
-        string(&self.principal, o);
-        o.extend_from_slice(b",\"resource\":");
-        string(&self.resource, o);
-        o.extend_from_slice(b"},\"seq\":");
+        o.extend_from_slice(b",\"request\":");
+        o.extend_from_slice(self.request.encoded());
+        o.extend_from_slice(b",\"seq\":");
         uint(stamp.seq, o);
         o.extend_from_slice(b",\"sidecar\":");
         string(stamp.sidecar, o);
@@ -413,7 +415,9 @@ mod tests {
 
     /// The record as a JSON value, encoded by `canon`: what `encode` must
     /// give, byte for byte.
-    fn reference(d: &Draft, context: &Value, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
+    fn reference(d: &Draft, asked: &Asked, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
+        let (texts, context, entities) = asked;
+        let [principal, action, resource] = texts;
         let mut context = context.clone();
         for path in mask {
             mask_path(&mut context, path);
@@ -427,11 +431,11 @@ mod tests {
             "ts": stamp.ts,
             "decision_id": d.decision_id,
             "request": {
-                "principal": d.principal,
-                "action": d.action,
-                "resource": d.resource,
+                "principal": principal,
+                "action": action,
+                "resource": resource,
                 "context": context,
-                "entities": d.entities,
+                "entities": entities,
             },
             "decision": if d.allow { "Allow" } else { "Deny" },
             "reasons": d.reasons,
@@ -443,17 +447,26 @@ mod tests {
         }))
     }
 
+    /// A request's texts, context and entity count.
+    type Asked = ([String; 3], Value, usize);
+
+    fn asked(a: &Asked, mask: &[String]) -> Arc<super::Asked> {
+        Arc::new(super::Asked::new(a.0.clone(), &a.1, a.2, mask))
+    }
+
     #[test]
     fn the_encoder_gives_the_canonical_bytes() {
+        let texts = [
+            "Agency::User::\"é\\n\u{1}\"".to_owned(),
+            "Agency::Action::\"read\"".to_owned(),
+            "R".to_owned(),
+        ];
         let context = json!({"z": 1, "a": {"y": [true, null, "x"], "b": -3}, "id_token": "t",
                              "mfa": {"present": true, "id_token": "keep"}});
+        let request = (texts, context, 2);
         let mut d = Draft {
             decision_id: "0193-\"quoted\"".into(),
-            principal: "Agency::User::\"é\\n\u{1}\"".into(),
-            action: "Agency::Action::\"read\"".into(),
-            resource: "R".into(),
-            context: RecordContext::new(&context, &[]),
-            entities: 2,
+            request: asked(&request, &[]),
             allow: false,
             reasons: vec!["b".into(), "a\u{7f}".into()],
             errors: vec!["policy0: \"x\"".into()],
@@ -473,30 +486,31 @@ mod tests {
         };
         let masks = vec!["context.id_token".to_owned(), "context.a.b".to_owned()];
         for mask in [&masks[..], &[]] {
-            d.context = RecordContext::new(&context, mask);
+            d.request = asked(&request, mask);
             assert_eq!(
                 String::from_utf8(d.encode(&stamp)).unwrap(),
-                String::from_utf8(reference(&d, &context, &stamp, mask)).unwrap()
+                String::from_utf8(reference(&d, &request, &stamp, mask)).unwrap()
             );
         }
         d.trace_id = None;
         d.plugins.clear();
-        d.context = RecordContext::new(&json!({}), &masks);
-        assert_eq!(d.encode(&stamp), reference(&d, &json!({}), &stamp, &masks));
+        let empty = (request.0.clone(), json!({}), 0);
+        d.request = asked(&empty, &masks);
+        assert_eq!(d.encode(&stamp), reference(&d, &empty, &stamp, &masks));
     }
 
     #[test]
     fn masked_fields_never_reach_the_record() {
         let d = Draft {
             decision_id: "d".into(),
-            principal: "P".into(),
-            action: "A".into(),
-            resource: "R".into(),
-            context: RecordContext::new(
-                &json!({"device": {"token": "secret-token", "managed": true}, "ip": "10.0.0.1"}),
+            request: asked(
+                &(
+                    ["P".into(), "A".into(), "R".into()],
+                    json!({"device": {"token": "secret-token", "managed": true}, "ip": "10.0.0.1"}),
+                    0,
+                ),
                 &["context.device.token".into()],
             ),
-            entities: 0,
             allow: true,
             reasons: vec!["p".into()],
             errors: vec![],

@@ -1025,17 +1025,18 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::RecordContext;
+    use crate::audit::Asked;
     use serde_json::json;
+
+    fn asked(context: &serde_json::Value) -> Arc<Asked> {
+        let texts = ["P".into(), "A".into(), "R".into()];
+        Arc::new(Asked::new(texts, context, 0, &[]))
+    }
 
     fn draft(i: u64) -> Draft {
         Draft {
             decision_id: format!("d{i}"),
-            principal: "P".into(),
-            action: "A".into(),
-            resource: "R".into(),
-            context: RecordContext::new(&json!({}), &[]),
-            entities: 0,
+            request: asked(&json!({})),
             allow: true,
             reasons: vec![],
             errors: vec![],
@@ -1209,7 +1210,7 @@ mod tests {
     /// segment in the ninth.
     fn fill_past_a_segment(rt: &tokio::runtime::Runtime, ob: &Outbox) {
         let big = |i: u64| Draft {
-            context: RecordContext::new(&json!({ "blob": "x".repeat(100_000) }), &[]),
+            request: asked(&json!({ "blob": "x".repeat(100_000) })),
             ..draft(i)
         };
         rt.block_on(async {
