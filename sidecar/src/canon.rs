@@ -41,16 +41,16 @@ pub fn strings(items: &[String], out: &mut Vec<u8>) {
 pub fn write_masked(v: &Value, masks: &[&str], out: &mut Vec<u8>) {
     match v {
         Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort_unstable();
+            // Sorted as they are, without looking each key up again.
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
             out.push(b'{');
-            for (i, k) in keys.into_iter().enumerate() {
+            for (i, (k, v)) in entries.into_iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
                 string(k, out);
                 out.push(b':');
-                let Some(v) = map.get(k) else { continue };
                 if masks.is_empty() {
                     write_masked(v, masks, out);
                 } else if masks.iter().any(|m| m == k) {

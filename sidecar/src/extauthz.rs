@@ -364,7 +364,7 @@ fn map(
     let headers = &http.headers;
     let denied = |u: Unplaced, principal: String, action: String, resource: String| {
         let draft = Draft {
-            decision_id: uuid::Uuid::now_v7().to_string(),
+            decision_id: crate::state::decision_id(),
             request: Arc::new(Asked::new(
                 [principal, action, resource],
                 &serde_json::json!({"method": http.method, "path": http.path}),
@@ -517,10 +517,7 @@ impl Service {
             reasons: draft.reasons.clone(),
             errors: draft.errors.clone(),
         };
-        self.shared
-            .log_all(vec![(outcome, false, draft)])
-            .await
-            .remove(0)
+        self.shared.log_one((outcome, false, draft)).await
     }
 
     fn answer(&self, allow: bool, decision_id: &str, reason: &str) -> CheckResponse {
@@ -576,14 +573,14 @@ impl Authorization for Service {
         let (logged, reason) = match mapped {
             Ok(m) => match self.shared.decide_draft(&active, m.input, &parent).await {
                 Ok(decided) => {
-                    let logged = self.shared.log_all(vec![decided]).await.remove(0);
+                    let logged = self.shared.log_one(decided).await;
                     let reason = logged.outcome.reasons.join(",");
                     (logged, reason)
                 }
                 Err(e) => {
                     // The request maps, but the schema refuses it: deny, and log why.
                     let draft = Draft {
-                        decision_id: uuid::Uuid::now_v7().to_string(),
+                        decision_id: crate::state::decision_id(),
                         request: Arc::new(Asked::new(Default::default(), &Value::Null, 0, &[])),
                         allow: false,
                         reasons: vec!["ext_authz_invalid_request".into()],

@@ -521,11 +521,7 @@ async fn authzen_batch(
                 decided.push(d);
             }
             Ok(d) => {
-                let allow = shared
-                    .log_all(vec![d])
-                    .await
-                    .first()
-                    .is_some_and(|l| l.outcome.allow);
+                let allow = shared.log_one(d).await.outcome.allow;
                 shared.metrics.decision(Endpoint::AuthzenEvaluations, allow);
                 out.push(json!({"decision": allow}));
                 if semantic.stops_after(allow) {

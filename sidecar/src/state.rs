@@ -354,15 +354,17 @@ impl Shared {
     /// Answers from the cache, or runs the plugins that apply, evaluates and
     /// caches. Returns the outcome, whether it came from the cache, and what
     /// each plugin did. `active` is the request's snapshot.
-    /// `key`: the request's cache key, `None` with the cache off.
+    /// `key`: the request's cache key, `None` with the cache off; `texts`:
+    /// its principal, action and resource as Cedar writes them.
     pub async fn decide(
         &self,
         active: &Active,
         mut input: Input,
         key: Option<cache::Key>,
+        texts: &[String; 3],
     ) -> Result<(Outcome, bool, Vec<plugin::Report>), InputError> {
         let plugins = &active.plugins;
-        let action = &input.texts[1];
+        let action = &texts[1];
         // The resource's type as text, for the plugins only.
         let resource_type = if plugins.is_empty() {
             String::new()
@@ -406,7 +408,7 @@ impl Shared {
                 ));
             }
             let context_text = input.context.to_string();
-            let [principal, _, resource] = &input.texts;
+            let [principal, _, resource] = texts;
             let call = plugin::Call {
                 principal,
                 action,
@@ -473,14 +475,16 @@ impl Shared {
     async fn decide_keyed(
         &self,
         active: &Active,
-        input: Input,
+        mut input: Input,
         key: Option<cache::Key>,
         parent: &opentelemetry::Context,
     ) -> Result<(Outcome, bool, Draft), InputError> {
         use opentelemetry::trace::{FutureExt, SpanKind};
         use opentelemetry::KeyValue;
+        // The texts move to the record (nothing after the cache key reads
+        // them from the input).
         let asked = Arc::new(Asked::new(
-            input.texts.clone(),
+            std::mem::take(&mut input.texts),
             &input.context,
             input.entities.len(),
             &self.config.audit.mask,
@@ -489,7 +493,7 @@ impl Shared {
         // cache miss) is its child.
         let span = telemetry::start("vigie.decision", SpanKind::Server, parent);
         let decided = self
-            .decide(active, input, key)
+            .decide(active, input, key, &asked.texts)
             .with_context(span.clone())
             .await;
         match decided {
@@ -516,7 +520,7 @@ impl Shared {
         use opentelemetry::trace::TraceContextExt;
         use opentelemetry::KeyValue;
         let [principal, action, resource] = &asked.texts;
-        let decision_id = uuid::Uuid::now_v7().to_string();
+        let decision_id = decision_id();
         // Attributes only for a span that is recorded (an exporter is set).
         if span.span().is_recording() {
             let mut attributes = vec![
@@ -565,6 +569,14 @@ impl Shared {
         (outcome, cached, draft)
     }
 
+    /// [`Shared::log_all`] for one decision.
+    pub async fn log_one(&self, decided: (Outcome, bool, Draft)) -> Logged {
+        let (outcome, cached, draft) = decided;
+        let decision_id = draft.decision_id.clone();
+        let written = self.log.outbox.append(draft).await;
+        logged(outcome, cached, decision_id, written)
+    }
+
     /// Logs drafted decisions in one group commit and returns the answers:
     /// a decision whose record could not be written becomes Deny with reason
     /// `audit_unavailable` (fail closed).
@@ -578,21 +590,7 @@ impl Shared {
         let written = self.log.outbox.append_many(drafts).await;
         rest.into_iter()
             .zip(written)
-            .map(|((outcome, cached, decision_id), w)| {
-                let outcome = match w {
-                    Ok(_) => outcome,
-                    Err(e) => Outcome {
-                        allow: false,
-                        reasons: vec!["audit_unavailable".into()],
-                        errors: vec![e.to_string()],
-                    },
-                };
-                Logged {
-                    outcome,
-                    cached,
-                    decision_id,
-                }
-            })
+            .map(|((outcome, cached, decision_id), w)| logged(outcome, cached, decision_id, w))
             .collect()
     }
 
@@ -630,7 +628,7 @@ impl Shared {
                 decided
             }
         };
-        Ok(self.log_all(vec![decided]).await.remove(0))
+        Ok(self.log_one(decided).await)
     }
 
     /// One decision, logged.
@@ -641,12 +639,45 @@ impl Shared {
         parent: &opentelemetry::Context,
     ) -> Result<Logged, InputError> {
         let decided = self.decide_draft(active, input, parent).await?;
-        let mut out = self.log_all(vec![decided]).await;
-        Ok(out.remove(0))
+        Ok(self.log_one(decided).await)
+    }
+}
+
+/// The answer for a decision once its record is written, or not: one whose
+/// record could not be written becomes Deny with reason `audit_unavailable`
+/// (fail closed).
+fn logged(
+    outcome: Outcome,
+    cached: bool,
+    decision_id: String,
+    written: Result<u64, outbox::AuditError>,
+) -> Logged {
+    let outcome = match written {
+        Ok(_) => outcome,
+        Err(e) => Outcome {
+            allow: false,
+            reasons: vec!["audit_unavailable".into()],
+            errors: vec![e.to_string()],
+        },
+    };
+    Logged {
+        outcome,
+        cached,
+        decision_id,
     }
 }
 
 /// The type of a uid as Cedar writes it (`NS::User` of `NS::User::"alice"`).
 fn type_of(uid: &str) -> &str {
     uid.find("::\"").map_or(uid, |i| &uid[..i])
+}
+
+/// A new decision id: a UUIDv7, hyphenated (written straight into its
+/// string, without the formatting machinery of `to_string`).
+pub fn decision_id() -> String {
+    let mut buf = uuid::Uuid::encode_buffer();
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
 }

@@ -179,7 +179,7 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Appends a decision; resolves to its sequence number once durable.
     pub async fn append(&self, draft: Draft) -> Result<u64, AuditError> {
-        self.append_many(vec![draft]).await.remove(0)
+        self.append_group(vec![draft]).await
     }
 
     /// Appends decisions together, in order; resolves to their sequence
@@ -199,6 +199,16 @@ impl Outbox {
         if n == 0 {
             return Vec::new();
         }
+        match self.append_group(drafts).await {
+            Ok(first) => (first..first + n).map(Ok).collect(),
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    /// [`Outbox::append_many`] for a group of one or more drafts, which
+    /// succeeds or fails as a whole: the first one's sequence number.
+    async fn append_group(&self, drafts: Vec<Draft>) -> Result<u64, AuditError> {
+        let n = drafts.len() as u64;
         let (done, written) = tokio::sync::oneshot::channel();
         let first_in_queue = {
             let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -216,24 +226,19 @@ impl Outbox {
                 outbox.write_pending().await
             });
         }
-        let first = match written.await {
-            Ok(Ok(first)) => first,
-            Ok(Err(e)) => return (0..n).map(|_| Err(e.clone())).collect(),
-            Err(_) => return (0..n).map(|_| Err(AuditError::Stopped)).collect(),
-        };
+        let first = written.await.map_err(|_| AuditError::Stopped)??;
         if self.config.durability == Durability::Power {
             let end = first + n;
             let mut rx = self.inner.synced.subscribe();
             let state = match rx.wait_for(|s| s.upto >= end).await {
                 Ok(s) => *s,
-                Err(_) => return (0..n).map(|_| Err(AuditError::Stopped)).collect(),
+                Err(_) => return Err(AuditError::Stopped),
             };
             if state.bad.0 < end && first < state.bad.1 {
-                let e = AuditError::Io("fdatasync failed".into());
-                return (0..n).map(|_| Err(e.clone())).collect();
+                return Err(AuditError::Io("fdatasync failed".into()));
             }
         }
-        (first..first + n).map(Ok).collect()
+        Ok(first)
     }
 
     /// Has what was just written synced (`power`): by this task when it is
