@@ -603,16 +603,19 @@ mod tests {
         );
     }
 
+    /// A cache with L1 alone, of three entries.
+    fn three_in_memory() -> Cache {
+        let config = Config {
+            l2: false,
+            l1_max_entries: 3,
+            ..Config::default()
+        };
+        Cache::open(config, Path::new("/nonexistent"))
+    }
+
     #[test]
     fn bodies_are_bounded_and_kept_for_their_bundle_only() {
-        let c = Cache::open(
-            Config {
-                l2: false,
-                l1_max_entries: 3,
-                ..Config::default()
-            },
-            Path::new("/nonexistent"),
-        );
+        let c = three_in_memory();
         let asked = |i: u8| {
             let texts = ["P".into(), "A".into(), "R".into()];
             Arc::new(crate::audit::Asked::new(texts, &json!({"i": i}), 0, &[]))
@@ -658,14 +661,7 @@ mod tests {
 
     #[test]
     fn l1_is_bounded_and_expires() {
-        let c = Cache::open(
-            Config {
-                l2: false,
-                l1_max_entries: 3,
-                ..Config::default()
-            },
-            Path::new("/nonexistent"),
-        );
+        let c = three_in_memory();
         for i in 0..5u8 {
             c.put([i; 32], entry(1_000));
         }

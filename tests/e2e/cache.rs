@@ -14,6 +14,17 @@ fn read(principal: &str, resource: &str, context: Value) -> Value {
     })
 }
 
+/// Alice reads a sensitive record with a fresh MFA; `reordered`: the same
+/// question with its context's keys in another order.
+fn alice_with_mfa(reordered: bool) -> Value {
+    let context = if reordered {
+        json!({"ip": "10.0.0.1", "mfa": {"hardware": false, "age_seconds": 5, "methods": ["otp"], "present": true}})
+    } else {
+        json!({"mfa": {"present": true, "methods": ["otp"], "age_seconds": 5, "hardware": false}, "ip": "10.0.0.1"})
+    };
+    read("alice", "social-002", context)
+}
+
 fn ask(v: &Vigie, req: &Value) -> (String, bool) {
     let r = v.post("/v1/is_authorized", req).json();
     (
@@ -25,19 +36,11 @@ fn ask(v: &Vigie, req: &Value) -> (String, bool) {
 #[test]
 fn the_second_identical_request_is_cached() {
     let v = Vigie::example();
-    let req = read(
-        "alice",
-        "social-002",
-        json!({"mfa": {"present": true, "methods": ["otp"], "age_seconds": 5, "hardware": false}, "ip": "10.0.0.1"}),
-    );
+    let req = alice_with_mfa(false);
     assert_eq!(ask(&v, &req), ("Allow".into(), false));
     assert_eq!(ask(&v, &req), ("Allow".into(), true));
     // Same request, keys in another order: same entry.
-    let reordered = read(
-        "alice",
-        "social-002",
-        json!({"ip": "10.0.0.1", "mfa": {"hardware": false, "age_seconds": 5, "methods": ["otp"], "present": true}}),
-    );
+    let reordered = alice_with_mfa(true);
     assert_eq!(ask(&v, &reordered), ("Allow".into(), true));
     // Anything different is a different question.
     let other = read(
@@ -84,19 +87,11 @@ fn a_body_seen_before_is_not_parsed_again_and_logged_alike() {
     let data = tempfile::tempdir().unwrap();
     let mask = ("VIGIE_AUDIT_MASK", r#"["context.ip"]"#);
     let v = Vigie::start_in(&example_policies(), data.path(), &[], &[mask]);
-    let req = read(
-        "alice",
-        "social-002",
-        json!({"mfa": {"present": true, "methods": ["otp"], "age_seconds": 5, "hardware": false}, "ip": "10.0.0.1"}),
-    );
+    let req = alice_with_mfa(false);
     assert_eq!(ask(&v, &req), ("Allow".into(), false));
     assert_eq!(ask(&v, &req), ("Allow".into(), true));
     // The same question in other bytes: parsed, then found in the cache.
-    let reordered = read(
-        "alice",
-        "social-002",
-        json!({"ip": "10.0.0.1", "mfa": {"hardware": false, "age_seconds": 5, "methods": ["otp"], "present": true}}),
-    );
+    let reordered = alice_with_mfa(true);
     assert_eq!(ask(&v, &reordered), ("Allow".into(), true));
 
     let cache = &v.get("/v1/status").json()["cache"];
