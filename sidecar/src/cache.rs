@@ -9,6 +9,10 @@
 //! hash, so no answer from the old set can be found. Every entry carries its
 //! expiry and is never served past it.
 //!
+//! Beside L1, the bodies already decided, by the SHA-256 of their bytes
+//! ([`Cache::seen`]): the same bytes again, on the same bundle, find their
+//! answer and their record's request without being parsed.
+//!
 //! The cache must never fail a decision: a corrupt directory is moved aside and
 //! replaced, and a write error (a full disk) turns L2 off, not the sidecar.
 
@@ -234,8 +238,8 @@ pub fn body_digest(body: &[u8]) -> Key {
 pub struct Cache {
     config: Config,
     l1: Mutex<Fifo<Entry>>,
-    /// Bodies already parsed, by [`body_digest`]: bounded by L1's number of
-    /// entries and a quarter of its bytes.
+    /// Bodies already decided, by [`body_digest`]: bounded by L1's number
+    /// of entries and a quarter of its bytes.
     bodies: Mutex<Fifo<Seen>>,
     l2: Option<sled::Tree>,
     /// Kept so the database is flushed and closed with the cache.
