@@ -479,7 +479,7 @@ impl Shared {
         key: Option<cache::Key>,
         parent: &opentelemetry::Context,
     ) -> Result<(Outcome, bool, Draft), InputError> {
-        use opentelemetry::trace::{FutureExt, SpanKind};
+        use opentelemetry::trace::FutureExt;
         use opentelemetry::KeyValue;
         // The texts move to the record (nothing after the cache key reads
         // them from the input).
@@ -491,7 +491,7 @@ impl Shared {
         ));
         // A span per decision, child of the caller's; the evaluation (on a
         // cache miss) is its child.
-        let span = telemetry::start("vigie.decision", SpanKind::Server, parent);
+        let span = telemetry::start_decision(parent);
         let decided = self
             .decide(active, input, key, &asked.texts)
             .with_context(span.clone())
@@ -611,11 +611,7 @@ impl Shared {
         let digest = cache::body_digest(body);
         let decided = match self.cache.seen(&digest, active.epoch, cache::now_ms()) {
             Some(seen) => {
-                let span = telemetry::start(
-                    "vigie.decision",
-                    opentelemetry::trace::SpanKind::Server,
-                    parent,
-                );
+                let span = telemetry::start_decision(parent);
                 let (asked, outcome) = (Arc::clone(&seen.asked), seen.entry().outcome());
                 self.draft(active, &span, asked, outcome, true, &[])
             }

@@ -415,8 +415,8 @@ mod tests {
 
     /// The record as a JSON value, encoded by `canon`: what `encode` must
     /// give, byte for byte.
-    fn reference(d: &Draft, asked: &Asked, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
-        let (texts, context, entities) = asked;
+    fn reference(d: &Draft, plain: &Plain, stamp: &Stamp<'_>, mask: &[String]) -> Vec<u8> {
+        let (texts, context, entities) = plain;
         let [principal, action, resource] = texts;
         let mut context = context.clone();
         for path in mask {
@@ -447,11 +447,11 @@ mod tests {
         }))
     }
 
-    /// A request's texts, context and entity count.
-    type Asked = ([String; 3], Value, usize);
+    /// A request's texts, context and entity count, as plain values.
+    type Plain = ([String; 3], Value, usize);
 
-    fn asked(a: &Asked, mask: &[String]) -> Arc<super::Asked> {
-        Arc::new(super::Asked::new(a.0.clone(), &a.1, a.2, mask))
+    fn asked(a: &Plain, mask: &[String]) -> Arc<Asked> {
+        Arc::new(Asked::new(a.0.clone(), &a.1, a.2, mask))
     }
 
     #[test]
