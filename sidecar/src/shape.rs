@@ -304,14 +304,16 @@ fn build(value: &Value, ty: &Ty, depth: usize) -> Option<ast::Value> {
                 return None;
             }
             let mut fields = BTreeMap::new();
+            // A JSON object's keys are distinct: every required attribute
+            // is there when as many of them were met as the type has.
+            let mut required = 0;
             for (key, value) in obj {
-                let (ty, _) = attrs.get(key)?;
+                let (ty, is_required) = attrs.get(key)?;
+                required += usize::from(*is_required);
                 fields.insert(key.as_str().into(), build(value, ty, depth + 1)?);
             }
-            let missing = attrs
-                .iter()
-                .any(|(key, (_, required))| *required && !obj.contains_key(key));
-            (!missing).then(|| ast::Value::record_arc(Arc::new(fields), None))
+            let all = attrs.values().filter(|(_, r)| *r).count();
+            (required == all).then(|| ast::Value::record_arc(Arc::new(fields), None))
         }
         Ty::Ext(ext) => {
             let arg = match value {
