@@ -768,12 +768,21 @@ fn targets(
         us(bare_at(1).1),
         met(ratio <= 1.5)
     );
+    // DESIGN.md: `power` p50 ≤ "that" (1.5× bare) plus one fdatasync. The
+    // stricter row, against the `process` p50 measured, says what the
+    // group commit adds besides the sync itself.
     let (power1, _) = row("vigie, cache off, power", 1);
-    let limit = us(process1.p50) + synced;
+    let limit = 1.5 * us(bare_at(1).1) + synced;
     out += &format!(
-        "| 1 conn, cache off, `power`: p50 ≤ `process` p50 + one fdatasync (over zeros) | {:.0} µs against {limit:.0} µs | {} |\n",
+        "| 1 conn, cache off, `power`: p50 ≤ 1.5× bare + one fdatasync (over zeros) | {:.0} µs against {limit:.0} µs | {} |\n",
         us(power1.p50),
         met(us(power1.p50) <= limit)
+    );
+    let strict = us(process1.p50) + synced;
+    out += &format!(
+        "| (stricter, not in DESIGN.md) `power` p50 ≤ `process` p50 + one fdatasync (over zeros) | {:.0} µs against {strict:.0} µs | {} |\n",
+        us(power1.p50),
+        met(us(power1.p50) <= strict)
     );
     // Throughput at 32 connections as a share of the bare server's.
     let share = |name: &str, what: &str, floor: f64| {
