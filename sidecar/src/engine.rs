@@ -283,7 +283,7 @@ impl Rules {
 ///
 /// Cedar's evaluator gives every value it computes the location of the
 /// expression it came from: an `Arc` cloned and later dropped at every node
-/// (3% of the samples with the cache off, `perf`, 32 connections). The
+/// (about 3% of the samples with the cache off, `perf`, 32 connections). The
 /// clauses are evaluated without them; a policy that fails is evaluated
 /// again as written (see [`Rules::authorize`]), so its error is Cedar's.
 fn unlocated(expr: &ast::Expr) -> ast::Expr {
@@ -1194,7 +1194,7 @@ mod tests {
                 !(context.s like "a*b") && context.s != "x" &&
                 (principal is U || principal is U in G::"g") && principal in [G::"g", G::"h"] &&
                 context has a.b && context.a has b && [1, 2].contains(1) &&
-                [1, 2].containsAll([1]) && [1].containsAny([3]) && !([] .isEmpty()) &&
+                [1, 2].containsAll([1]) && [1].containsAny([3]) && !([].isEmpty()) &&
                 {"k": 1, "l": [true]}.k == 1 && ip("10.0.0.1").isInRange(ip("10.0.0.0/8")) &&
                 decimal("1.5").lessThan(decimal("2.0")) && principal.hasTag("t") &&
                 principal.getTag("t") == "v"
