@@ -164,10 +164,13 @@ impl<T> Default for Fifo<T> {
 }
 
 impl<T: Weigh> Fifo<T> {
-    fn remove(&mut self, key: &Key) {
-        if let Some(e) = self.map.remove(key) {
+    /// Whether `key` was there.
+    fn remove(&mut self, key: &Key) -> bool {
+        let removed = self.map.remove(key);
+        if let Some(e) = &removed {
             self.bytes = self.bytes.saturating_sub(e.approx_bytes());
         }
+        removed.is_some()
     }
 
     /// Inserts, then evicts the oldest entries past the bounds; returns how
@@ -185,8 +188,7 @@ impl<T: Weigh> Fifo<T> {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
-            if let Some(e) = self.map.remove(&oldest) {
-                self.bytes = self.bytes.saturating_sub(e.approx_bytes());
+            if self.remove(&oldest) {
                 evicted += 1;
             }
         }

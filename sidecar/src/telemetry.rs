@@ -217,12 +217,12 @@ pub fn start(name: &'static str, kind: SpanKind, parent: &Context) -> Context {
     parent.with_span(span)
 }
 
-/// Sets the attributes of a decision span and ends it.
 /// The span of one decision (`vigie.decision`), child of the caller's.
 pub fn start_decision(parent: &Context) -> Context {
     start("vigie.decision", SpanKind::Server, parent)
 }
 
+/// Sets the attributes of a decision span and ends it.
 pub fn end_decision(cx: &Context, attrs: Vec<KeyValue>) {
     let span = cx.span();
     span.set_attributes(attrs);
